@@ -1,0 +1,133 @@
+"""The noise schedule and the losses of DCO, each a short pure function.
+
+Paper: Lee, Kwak, Sohn, Shin, "Direct Consistency Optimization for Robust Customization of Text-to-Image
+Diffusion Models", NeurIPS 2024 (arXiv 2402.12004). Notation follows the paper: x_0 a (latent) image, c its
+caption, eps ~ N(0, I) the noise, t ~ U{0..999}, eps_theta the model being fine-tuned (UNet + LoRA), eps_phi the
+frozen pretrained model (the same UNet with LoRA scale 0).
+
+DreamBooth / plain fine-tuning minimises the diffusion loss
+    l_theta = || eps_theta(x_t, c, t) - eps ||^2.                                                  (DB)
+DCO instead minimises (paper, Sec. 3)
+    L_DCO = -log sigmoid( -beta * ( l_theta - l_phi ) ),   l_phi = || eps_phi(x_t, c, t) - eps ||^2,
+i.e. theta is rewarded only for how much it *beats* the pretrained model on the same noisy input. The loss is
+the Diffusion-DPO / reward-model form with the pretrained model as the reference: the implicit reward
+r = l_phi - l_theta is pushed up, but the log-sigmoid saturates once theta is clearly better, so there is no
+incentive to drift further from phi than the concept needs -- that is the "consistency" of the title.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------
+# DDPM noise schedule (Ho et al. 2020) with SDXL's "scaled_linear" betas
+
+
+def scaled_linear_betas(beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000):
+    """SDXL's betas: linear in sqrt-space (Stability calls it "linear", diffusers "scaled_linear")."""
+    return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
+
+
+def alphas_cumprod(scheduler_config=None):
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), from a scheduler_config.json dict (SDXL's values by default).
+
+    Computed in float64 and returned as float32: 1000 products in fp32 drift by ~1e-6.
+    """
+    cfg = scheduler_config or {}
+    if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear" or cfg.get("trained_betas"):
+        raise ValueError(f"scheduler config: only SDXL's scaled_linear schedule is supported, got {cfg.get('beta_schedule')}")
+    betas = scaled_linear_betas(cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012), cfg.get("num_train_timesteps", 1000))
+    return torch.cumprod(1.0 - betas, dim=0).float()
+
+
+def _at(values, t, x):
+    """values[t] shaped to broadcast against x ([B] -> [B,1,1,1])."""
+    return values.to(x.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def add_noise(x0, eps, t, alphas_cumprod):
+    """Forward process q(x_t | x_0): x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps  (DDPM Eq. 4)."""
+    a = _at(alphas_cumprod, t, x0)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def snr(t, alphas_cumprod):
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) (Kingma et al. 2021)."""
+    a = alphas_cumprod.to(t.device)[t]
+    return a / (1 - a)
+
+
+def sample_timesteps(batch_size, num_train_timesteps=1000, device="cpu", generator=None):
+    """t ~ U{0, ..., T-1}, one per sample."""
+    return torch.randint(0, num_train_timesteps, (batch_size,), device=device, generator=generator)
+
+
+def sample_noise(like, offset_noise=0.0, generator=None):
+    """eps ~ N(0, I), plus optional offset noise (a per-channel constant, Guttenberg 2023) that lets the model
+    learn very dark or bright images; 0 disables it."""
+    eps = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    if offset_noise:
+        eps = eps + offset_noise * torch.randn(*like.shape[:2], 1, 1, generator=generator, device=like.device, dtype=like.dtype)
+    return eps
+
+
+def min_snr_weights(t, alphas_cumprod, gamma=5.0):
+    """Min-SNR-gamma loss weights for eps-prediction, min(SNR_t, gamma) / SNR_t (Hang et al. 2023):
+    down-weights the easy low-noise steps that otherwise dominate the gradient."""
+    s = snr(t, alphas_cumprod)
+    return torch.clamp(s, max=gamma) / s
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses. "||.||^2" is the mean over the latent's elements (an MSE), as in the official code: it is what makes
+# the paper's beta = 1000 the right scale.
+
+
+def per_sample_mse(pred, target):
+    """||pred - target||^2 per sample, averaged over all but the batch dimension, in fp32."""
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+
+
+def diffusion_loss(eps_pred, eps, weights=None):
+    """The DreamBooth / LoRA fine-tuning loss (DB): E ||eps_theta(x_t, c, t) - eps||^2, optionally weighted."""
+    loss = per_sample_mse(eps_pred, eps)
+    return (loss * weights).mean() if weights is not None else loss.mean()
+
+
+def prior_preservation_loss(eps_pred, eps, eps_pred_prior, eps_prior, prior_weight=1.0, weights=None, prior_weights=None):
+    """DreamBooth with prior preservation (Ruiz et al. 2023, Eq. 2): the instance loss plus lambda times the same
+    loss on images of the class that the *base* model generated, so the class word keeps its meaning."""
+    return diffusion_loss(eps_pred, eps, weights) + prior_weight * diffusion_loss(eps_pred_prior, eps_prior, prior_weights)
+
+
+def dco_loss(eps_theta, eps_phi, eps, beta=1000.0, weights=None, reduction="sample"):
+    """The DCO loss (paper, Sec. 3): -log sigmoid(-beta * (l_theta - l_phi)).
+
+    eps_theta: prediction of the fine-tuned model (with grad); eps_phi: the frozen pretrained model's prediction
+    on the same x_t, c, t (no grad); eps: the noise that made x_t. weights: optional per-sample weights
+    (e.g. min-SNR) applied to both errors.
+    reduction="sample" (the paper's form, as in Diffusion-DPO): log-sigmoid per sample, then the mean.
+    reduction="batch" (the official DCO code): average the errors over the batch first, one log-sigmoid.
+    The two agree for batch size 1.
+
+    Returns (loss, implicit_reward) where implicit_reward = l_phi - l_theta per sample (detached): how much better
+    than the pretrained model theta denoises; > 0 means it has learned something phi did not know.
+
+    Why it preserves the base model: d L / d l_theta = beta * sigmoid(beta * (l_theta - l_phi)). At the start
+    (theta = phi) that is beta/2, a scaled DreamBooth gradient; once theta beats phi by a few 1/beta it decays
+    exponentially, so fitting stops short of overwriting what phi knows.
+    """
+    l_theta = per_sample_mse(eps_theta, eps)
+    l_phi = per_sample_mse(eps_phi, eps).detach()
+    if weights is not None:
+        l_theta, l_phi = l_theta * weights, l_phi * weights
+    if reduction == "sample":
+        loss = -F.logsigmoid(-beta * (l_theta - l_phi)).mean()
+    elif reduction == "batch":
+        loss = -F.logsigmoid(-beta * (l_theta.mean() - l_phi.mean()))
+    else:
+        raise ValueError(f"dco_loss: reduction must be 'sample' or 'batch', got {reduction!r}")
+    return loss, (l_phi - l_theta).detach()
+
+
+LOG2 = math.log(2.0)  # the DCO loss at initialisation (theta = phi): -log sigmoid(0)

@@ -1,0 +1,106 @@
+"""dco.py: the schedule against diffusers' DDPMScheduler (oracle), and math identities of the losses."""
+import math
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+import dco
+
+SCHED = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000}
+
+
+def test_schedule_matches_diffusers_and_known_values():
+    ours = dco.alphas_cumprod(SCHED)
+    ref = DDPMScheduler(**SCHED).alphas_cumprod
+    assert (ours - ref).abs().max() < 1e-6
+    assert abs(ours[0].item() - 0.99915) < 1e-6 and abs(ours[999].item() - 0.0046601) < 1e-6
+    sigma = ((1 - ours) / ours).sqrt()
+    assert abs(sigma[999].item() - 14.6146) < 1e-3 and abs(sigma[0].item() - 0.029168) < 1e-5
+
+
+def test_add_noise_and_snr_match_diffusers():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 500, 999])
+    sched = DDPMScheduler(**SCHED)
+    ac = dco.alphas_cumprod(SCHED)
+    assert (dco.add_noise(x0, eps, t, ac) - sched.add_noise(x0, eps, t)).abs().max() < 1e-5
+    assert torch.allclose(dco.snr(t, ac), compute_snr(sched, t), rtol=1e-5)
+    w = dco.min_snr_weights(t, ac, gamma=5.0)
+    assert torch.allclose(w, torch.clamp(compute_snr(sched, t), max=5.0) / compute_snr(sched, t), rtol=1e-5)
+
+
+def test_unsupported_schedule_is_refused():
+    try:
+        dco.alphas_cumprod({"beta_schedule": "squaredcos_cap_v2"})
+    except ValueError as e:
+        assert "scaled_linear" in str(e)
+    else:
+        raise AssertionError("expected ValueError")
+
+
+def test_offset_noise_is_a_per_channel_constant():
+    like = torch.zeros(2, 4, 8, 8)
+    a = dco.sample_noise(like, 0.0, torch.Generator().manual_seed(1))
+    b = dco.sample_noise(like, 0.1, torch.Generator().manual_seed(1))
+    diff = b - a
+    assert diff.abs().max() > 0 and torch.allclose(diff, diff[:, :, :1, :1].expand_as(diff), atol=1e-6)
+
+
+def _preds(seed=0, b=4):
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.randn(b, 4, 8, 8, generator=g)
+    return eps + 0.1 * torch.randn(b, 4, 8, 8, generator=g), eps + 0.1 * torch.randn(b, 4, 8, 8, generator=g), eps
+
+
+def test_dco_loss_is_log2_and_reward_zero_when_theta_equals_phi():
+    eps_theta, _, eps = _preds()
+    loss, reward = dco.dco_loss(eps_theta, eps_theta.clone(), eps, beta=1000.0)
+    assert abs(loss.item() - math.log(2)) < 1e-6 and reward.abs().max() == 0
+
+
+def test_dco_loss_formula_per_sample_and_batch():
+    eps_theta, eps_phi, eps = _preds()
+    beta = 1000.0
+    l_t = ((eps_theta - eps) ** 2).mean(dim=(1, 2, 3))
+    l_p = ((eps_phi - eps) ** 2).mean(dim=(1, 2, 3))
+    loss, reward = dco.dco_loss(eps_theta, eps_phi, eps, beta)
+    expected = torch.stack([-torch.log(torch.sigmoid(-beta * (a - b))) for a, b in zip(l_t, l_p)]).mean()
+    assert torch.allclose(loss, expected, rtol=1e-5) and torch.allclose(reward, l_p - l_t)
+    loss_b, _ = dco.dco_loss(eps_theta, eps_phi, eps, beta, reduction="batch")
+    assert torch.allclose(loss_b, -torch.log(torch.sigmoid(-beta * (l_t.mean() - l_p.mean()))), rtol=1e-5)
+    assert not torch.allclose(loss, loss_b)  # the two reductions really differ for batch > 1 ...
+    one = [x[:1] for x in (eps_theta, eps_phi, eps)]  # ... and agree for batch 1
+    assert torch.allclose(dco.dco_loss(*one, beta)[0], dco.dco_loss(*one, beta, reduction="batch")[0])
+
+
+def test_dco_gradient_starts_as_scaled_dreambooth_and_saturates():
+    """At theta = phi, dL_DCO/d eps_theta = beta/2 * dL_DB/d eps_theta (sigmoid(0) = 1/2) for one sample;
+    once theta is much better than phi the gradient vanishes (the loss saturates)."""
+    eps_theta, _, eps = _preds(b=1)
+    beta = 10.0
+    x = eps_theta.clone().requires_grad_()
+    dco.dco_loss(x, eps_theta.clone(), eps, beta)[0].backward()
+    y = eps_theta.clone().requires_grad_()
+    dco.diffusion_loss(y, eps).backward()
+    assert torch.allclose(x.grad, beta / 2 * y.grad, rtol=1e-5, atol=1e-9)
+    z = eps.clone().requires_grad_()  # theta perfect, phi far off
+    loss, reward = dco.dco_loss(z + 1e-3, eps + 1.0, eps, beta=1000.0)
+    loss.backward()
+    assert loss.item() < 1e-6 and reward.item() > 0.9 and z.grad.abs().max() < 1e-6
+
+
+def test_dco_gradient_never_touches_phi():
+    eps_theta, eps_phi, eps = _preds()
+    p = eps_phi.clone().requires_grad_()
+    loss, _ = dco.dco_loss(eps_theta, p, eps)
+    assert not loss.requires_grad  # l_phi is detached: the frozen model is only a reference
+
+
+def test_prior_preservation_adds_weighted_class_term():
+    a, b, eps = _preds()
+    inst = dco.diffusion_loss(a, eps)
+    cls = dco.diffusion_loss(b, eps)
+    assert torch.allclose(dco.prior_preservation_loss(a, eps, b, eps, prior_weight=0.5), inst + 0.5 * cls)
+    assert torch.allclose(dco.diffusion_loss(a, eps), torch.nn.functional.mse_loss(a, eps))
