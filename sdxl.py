@@ -1,0 +1,189 @@
+"""Load Stable Diffusion XL into our plain-PyTorch modules, in one call.
+
+    sd = load_sdxl("stabilityai/stable-diffusion-xl-base-1.0", device="cuda", dtype=torch.bfloat16)
+    sd.unet, sd.vae, sd.text_encoder, sd.text_encoder_2, sd.tokenizer, sd.tokenizer_2, sd.scheduler
+
+The fields are named like the folders of the hub repo, so a reader moves between the hub, the paper and this
+code without a dictionary. `model` may be
+  * a hub repo id: only the files we need are downloaded (the fp16 variant where the repo has one) into the
+    standard Hugging Face cache, so a second run downloads nothing and works offline;
+  * a local folder in the same (diffusers) layout: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, ...;
+  * a single-file checkpoint from ComfyUI/A1111 (`sd_xl_base_1.0.safetensors`, Stability's original "SGM"
+    names): converted by `single_file.py`; its configs and tokenizers come from `config_from` (the base hub
+    repo by default: a few small files).
+Only `.safetensors` is ever read -- never a pickle, which could run arbitrary code.
+
+Run `python sdxl.py --model ID_OR_PATH` to download (or find) a model and print what was loaded.
+"""
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import single_file
+from hub import CONFIG_FILES, MODEL_COMPONENTS, component_weight_files, download
+from text_encoder import CLIPTextModel, CLIPTokenizer, encode_prompt
+from unet_loader import UNet
+from vae import AutoencoderKL, convert_legacy_vae_keys
+
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+@dataclass
+class SDXL:
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    scheduler: dict  # the noise-schedule config (scheduler/scheduler_config.json)
+    force_zeros_for_empty_prompt: bool = True  # model_index.json: "no negative prompt" means zero embeddings
+    source: str = ""
+
+    def encode_prompt(self, prompts):
+        """SDXL text conditioning: ([B,77,2048] penultimate states of both encoders, [B,1280] pooled)."""
+        return encode_prompt(prompts, self.tokenizer, self.tokenizer_2, self.text_encoder, self.text_encoder_2)
+
+
+def resolve_model(model, variant="fp16"):
+    """A hub id or local folder -> local folder in the diffusers layout."""
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model) or model.endswith(".safetensors") or model.endswith(PICKLE_SUFFIXES) or model.startswith((".", "/")):
+        raise FileNotFoundError(f"--model {model}: no such folder or .safetensors file")
+    return download(model, variant=variant)
+
+
+def weight_files(folder, comp, variant="fp16"):
+    """The safetensors file(s) of one component in a local diffusers folder (variant first, sharded or not)."""
+    d = os.path.join(folder, comp)
+    names = os.listdir(d) if os.path.isdir(d) else []
+    files = component_weight_files(comp, {f"{comp}/{n}" for n in names}, variant)
+    if files:
+        return [os.path.join(folder, f) for f in files if f.endswith(".safetensors")]
+    pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise ValueError(f"{d}/{pickles[0]} is a pickle file; dco loads only .safetensors (download the "
+                         f"safetensors weights, or convert them)")
+    raise FileNotFoundError(f"{d}: no {MODEL_COMPONENTS[comp]}.safetensors: the folder is missing the {comp} weights")
+
+
+def read_json(path, what):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: {what}")
+    with open(path) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Building the modules
+
+def build(cls, config, state_dict, device, dtype):
+    """Construct on the meta device (no memory, no random init: SDXL's UNet is 2.6 B parameters), then adopt the
+    loaded tensors as the parameters with `assign=True`, and cast once."""
+    with torch.device("meta"):
+        model = cls(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def load_component(folder, comp, variant="fp16"):
+    sd = {}
+    for path in weight_files(folder, comp, variant):
+        sd.update(load_file(path))
+    return sd
+
+
+def load_sdxl(model=SDXL_BASE, device="cpu", dtype=torch.float32, vae_dtype=None, variant="fp16",
+              config_from=SDXL_BASE):
+    """Load SDXL from a hub id, a local diffusers folder, or a single-file `.safetensors` checkpoint.
+
+    dtype is used for the UNet and text encoders. The VAE stays in fp32 unless its config says it is safe in
+    half precision (`force_upcast: false`, e.g. madebyollin/sdxl-vae-fp16-fix) or `vae_dtype` is given: the
+    original SDXL VAE overflows in fp16.
+    """
+    model = str(model)
+    if model.endswith(PICKLE_SUFFIXES):
+        raise ValueError(f"--model {model}: pickle checkpoints can run arbitrary code when loaded; dco reads only "
+                         f".safetensors (most models are published as .safetensors too)")
+    if os.path.isfile(model):
+        if not model.endswith(".safetensors"):
+            raise ValueError(f"--model {model}: not a .safetensors file or a diffusers folder")
+        return load_single_file(model, device, dtype, vae_dtype, config_from)
+    folder = resolve_model(model, variant)
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        raise FileNotFoundError(f"{folder} has no model_index.json: expected a diffusers SDXL folder "
+                                f"(model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)")
+    index = read_json(os.path.join(folder, "model_index.json"), "")
+    configs = {c: read_json(os.path.join(folder, c, "config.json"), f"the folder has no {c} component")
+               for c in MODEL_COMPONENTS}
+    weights = {c: load_component(folder, c, variant) for c in MODEL_COMPONENTS}
+    return assemble(folder, configs, weights, index, device, dtype, vae_dtype, source=model)
+
+
+def load_single_file(path, device, dtype, vae_dtype, config_from=SDXL_BASE):
+    """A ComfyUI/A1111 checkpoint: check its header is SDXL base before reading gigabytes, then rename the keys.
+    The file holds weights only; configs and tokenizers come from `config_from` (a few small files)."""
+    with safe_open(path, "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    single_file.check_sdxl_checkpoint(shapes, path, adm_in_channels=None)  # names only, before any download
+    folder = config_from if os.path.isdir(config_from) else download(config_from, patterns=CONFIG_FILES)
+    configs = {c: read_json(os.path.join(folder, c, "config.json"), f"{config_from} has no {c} config")
+               for c in MODEL_COMPONENTS}
+    single_file.check_sdxl_checkpoint(shapes, path, configs["unet"]["projection_class_embeddings_input_dim"])
+    index = read_json(os.path.join(folder, "model_index.json"), f"{config_from} is not a diffusers SDXL folder")
+    weights = single_file.sgm_to_diffusers(load_file(path), configs["unet"], configs["vae"],
+                                           configs["text_encoder"], configs["text_encoder_2"])
+    return assemble(folder, configs, weights, index, device, dtype, vae_dtype, source=path)
+
+
+def hub_text_encoder_keys(sd):
+    """Text-encoder keys as the hub stores them. Files saved by transformers 4 (the SDXL repo) name everything
+    `text_model.…`; transformers 5 drops that prefix for CLIPTextModel, so a fine-tune saved today lacks it.
+    Some older files also carry a `position_ids` buffer, which we do not need."""
+    sd = {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v for k, v in sd.items()}
+    sd.pop("text_model.embeddings.position_ids", None)
+    return sd
+
+
+def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
+    for comp in ("text_encoder", "text_encoder_2"):
+        weights[comp] = hub_text_encoder_keys(weights[comp])
+    weights["vae"] = convert_legacy_vae_keys(weights["vae"])
+    if vae_dtype is None:
+        vae_dtype = torch.float32 if configs["vae"].get("force_upcast", True) else dtype
+    scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), "the folder has no scheduler config")
+    return SDXL(
+        unet=build(UNet, configs["unet"], weights["unet"], device, dtype),
+        vae=build(AutoencoderKL, configs["vae"], weights["vae"], device, vae_dtype),
+        text_encoder=build(CLIPTextModel, configs["text_encoder"], weights["text_encoder"], device, dtype),
+        text_encoder_2=build(CLIPTextModel, configs["text_encoder_2"], weights["text_encoder_2"], device, dtype),
+        tokenizer=CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer")),
+        tokenizer_2=CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer_2")),
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+        source=source,
+    )
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description="Download (or find) an SDXL model and report what was loaded.")
+    p.add_argument("--model", default=SDXL_BASE, help="hub repo id, local diffusers folder, or single-file .safetensors")
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    args = p.parse_args()
+    try:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        sd = load_sdxl(args.model, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        m = getattr(sd, name)
+        print(f"{name:15s} {sum(p.numel() for p in m.parameters()):>14,d} parameters  {next(m.parameters()).dtype}")
+    print(f"tokenizers      {len(sd.tokenizer.vocab):,d} / {len(sd.tokenizer_2.vocab):,d} tokens; loaded from {sd.source}")
