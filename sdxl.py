@@ -85,11 +85,11 @@ def read_json(path, what):
 # ----------------------------------------------------------------------------------------------------------
 # Building the modules
 
-def build(cls, config, state_dict, device, dtype):
+def build(cls, config, state_dict, device, dtype, **kwargs):
     """Construct on the meta device (no memory, no random init: SDXL's UNet is 2.6 B parameters), then adopt the
     loaded tensors as the parameters with `assign=True`, and cast once."""
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(config, **kwargs)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
@@ -160,13 +160,18 @@ def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
     if vae_dtype is None:
         vae_dtype = torch.float32 if configs["vae"].get("force_upcast", True) else dtype
     scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), "the folder has no scheduler config")
+    tokenizer = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer_2"))
     return SDXL(
         unet=build(UNet, configs["unet"], weights["unet"], device, dtype),
         vae=build(AutoencoderKL, configs["vae"], weights["vae"], device, vae_dtype),
-        text_encoder=build(CLIPTextModel, configs["text_encoder"], weights["text_encoder"], device, dtype),
-        text_encoder_2=build(CLIPTextModel, configs["text_encoder_2"], weights["text_encoder_2"], device, dtype),
-        tokenizer=CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer")),
-        tokenizer_2=CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer_2")),
+        # Pool at the tokenizer's real end-of-text id (the configs' eos_token_id is a legacy 2).
+        text_encoder=build(CLIPTextModel, configs["text_encoder"], weights["text_encoder"], device, dtype,
+                           eos_token_id=tokenizer.eos_token_id),
+        text_encoder_2=build(CLIPTextModel, configs["text_encoder_2"], weights["text_encoder_2"], device, dtype,
+                             eos_token_id=tokenizer_2.eos_token_id),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
         scheduler=scheduler,
         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
         source=source,
