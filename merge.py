@@ -1,0 +1,407 @@
+"""Merge DCO LoRAs: "my subject in my style" without any post-optimisation.
+
+    python merge.py output/dog output/style --weights 1 1 --output output/dog_in_style
+    python sample.py --lora output/dog_in_style --prompt "a <dog> in <style> style"
+    python merge.py --analyze output/dog output/style          # how much do the two LoRAs overlap?
+
+DCO (Lee, Kwak, Sohn, Shin, NeurIPS 2024, arXiv 2402.12004) trains a subject and a style separately and composes
+them by simply adding the two updates, W + w1 dW_dog + w2 dW_style, where plain DreamBooth LoRAs need a merging
+optimisation afterwards (ZipLoRA, Shah et al. 2023). The sum is EXACT in LoRA form: stack the ranks,
+    [w1 s1 B1 | w2 s2 B2] @ [A1 ; A2] = w1 s1 B1 A1 + w2 s2 B2 A2      (s_i = alpha_i / r_i, see lora.concat_loras)
+so the merged LoRA has rank r1 + r2 and no SVD truncation. The output folder looks like a trainer's: diffusers/PEFT
+and kohya files, learned_embeds.safetensors with every concept's token rows, and merge_config.json. `--into-base`
+bakes the sum into a full UNet file instead (or as well).
+
+Why adding works (`--analyze`): per layer we measure the mean |cosine| between the columns of the two up matrices B
+(the directions each LoRA writes to, in output space) and between the rows of the two down matrices A (the input
+directions each LoRA reads). Near-orthogonal subspaces (|cos| near 0, or near what random directions give) barely
+interfere when added: each update hardly touches what the other reads or writes, so each concept survives the sum.
+The intuition for DCO: its loss keeps every LoRA close to the pretrained model, so separately trained DCO LoRAs stay
+small, nearly orthogonal updates -- which is why they merge well without any post-optimisation.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from hub import CONFIG_FILES, download
+from lora import KOHYA_FILE, PEFT_FILE, _save_atomic, concat_loras, load_lora_file, save_lora_kohya, save_lora_peft
+from sdxl import SDXL_BASE, load_sdxl, read_json
+from text_encoder import CLIPTextModel, normalize
+from unet_loader import UNet
+
+EMBEDS_FILE, MERGE_FILE = "learned_embeds.safetensors", "merge_config.json"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Source:
+    """One LoRA to merge, as the trainer wrote it."""
+    path: str
+    layers: dict  # {component: {module: (down [r, in], up [out, r], alpha)}}
+    metadata: dict  # the LoRA file's safetensors metadata
+    embeds: dict | None  # {"clip_l": [n, 768], "clip_g": [n, 1280]}: the learned token rows, or None
+    tokens: list  # the n learned tokens, e.g. ["<dog>"]
+    init_words: list  # their init words ("" where unknown)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the LoRAs
+
+def lora_files(path):
+    """A trainer output folder or a LoRA file -> (LoRA file, learned_embeds file or None), found as sample.py does."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LoRA {path}: no such file or folder")
+    folder = path if os.path.isdir(path) else None
+    if folder:
+        found = [os.path.join(path, f) for f in (PEFT_FILE, KOHYA_FILE) if os.path.isfile(os.path.join(path, f))]
+        if not found:
+            raise FileNotFoundError(f"LoRA {path}: the folder has no {PEFT_FILE} or {KOHYA_FILE}")
+        lora = found[0]
+    else:  # a trainer's file keeps its learned tokens beside it; any other file is a LoRA alone
+        lora = path
+        folder = os.path.dirname(path) if os.path.basename(path) in (PEFT_FILE, KOHYA_FILE) else None
+    embeds = os.path.join(folder, EMBEDS_FILE) if folder else None
+    return lora, (embeds if embeds and os.path.isfile(embeds) else None)
+
+
+def read_header(path):
+    with safe_open(path, framework="pt") as f:
+        return list(f.keys()), dict(f.metadata() or {})
+
+
+def base_from_metadata(paths):
+    """The base model the trainer recorded ('base_model' metadata), when the LoRAs agree; else SDXL base."""
+    bases = {}
+    for p in paths:
+        base = read_header(lora_files(p)[0])[1].get("base_model")
+        if base:
+            bases.setdefault(base, p)
+    if len(bases) > 1:
+        (a, pa), (b, pb) = list(bases.items())[:2]
+        raise ValueError(f"{pa} was trained on {a} but {pb} on {b}: pass --model to name the base they share")
+    return next(iter(bases), SDXL_BASE)
+
+
+def base_skeleton(model):
+    """The base model's layers built from its config files on the meta device: names and shapes, no weights read.
+    They check that the LoRAs fit the base and give the UNet config the kohya (SGM) layer names need."""
+    if os.path.isfile(model):
+        if not model.endswith(".safetensors"):
+            raise ValueError(f"--model {model}: not a .safetensors file or a diffusers folder")
+        folder = download(SDXL_BASE, patterns=CONFIG_FILES)  # a single file has no configs: load_sdxl's default
+    elif os.path.isdir(model):
+        folder = model
+    elif model.startswith((".", "/")) or model.endswith(".safetensors"):
+        raise FileNotFoundError(f"base model {model}: no such folder or .safetensors file")
+    else:
+        folder = download(model, patterns=CONFIG_FILES)
+    configs = {c: read_json(os.path.join(folder, c, "config.json"), f"{model} is not a diffusers SDXL model")
+               for c in COMPONENTS}
+    with torch.device("meta"):
+        return {"unet": UNet(configs["unet"]), "text_encoder": CLIPTextModel(configs["text_encoder"]),
+                "text_encoder_2": CLIPTextModel(configs["text_encoder_2"])}
+
+
+def read_embeds(path):
+    """learned_embeds.safetensors -> (rows {"clip_l", "clip_g"}, tokens, init words); 'token'/'init_word' metadata
+    are comma-separated lists, as train.py writes them and sample.py reads them."""
+    with safe_open(path, framework="pt") as f:
+        meta, embeds = f.metadata() or {}, {k: f.get_tensor(k).float() for k in f.keys()}
+    tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()]
+    words = [w.strip() for w in meta.get("init_word", "").split(",")]
+    for key in ("clip_l", "clip_g"):
+        if key not in embeds or embeds[key].dim() != 2 or embeds[key].shape[0] != len(tokens):
+            raise ValueError(f"{path}: expected a '{key}' tensor with one row per token of the 'token' metadata "
+                             f"{tokens}, got {tuple(embeds[key].shape) if key in embeds else 'none'}")
+    return embeds, tokens, (words if len(words) == len(tokens) else [""] * len(tokens))
+
+
+def read_source(path, skeleton=None) -> Source:
+    lora, embeds_file = lora_files(path)
+    keys, _ = read_header(lora)
+    kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
+    if kohya and skeleton is None:
+        raise ValueError(f"{lora} is a kohya LoRA: its layer names need the base model's config, pass --model")
+    modules = skeleton if kohya else None
+    layers, metadata = load_lora_file(lora, modules, skeleton["unet"].config if modules else None)
+    embeds, tokens, words = read_embeds(embeds_file) if embeds_file else (None, [], [])
+    return Source(path, layers, metadata, embeds, tokens, words)
+
+
+def check_shapes(sources, skeleton=None, base=""):
+    """Same layer, same shape in every LoRA (and in the base, when known): else they were trained for different
+    bases and their sum means nothing. Names the first layer that does not fit."""
+    seen = {}
+    base_modules = {c: dict(m.named_modules()) for c, m in (skeleton or {}).items()}
+    for s in sources:
+        for comp, layers in s.layers.items():
+            for module, (down, up, _) in layers.items():
+                name, shape = f"{comp}.{module}", (down.shape[1], up.shape[0])
+                if up.shape[1] != down.shape[0]:
+                    raise ValueError(f"{s.path}: layer '{name}' has down rank {down.shape[0]} but up rank "
+                                     f"{up.shape[1]}: a broken LoRA file")
+                (first_shape, first_path) = seen.setdefault(name, (shape, s.path))
+                if shape != first_shape:
+                    raise ValueError(f"{s.path}: layer '{name}' maps {shape[0]} -> {shape[1]} features but in "
+                                     f"{first_path} {first_shape[0]} -> {first_shape[1]}: LoRAs trained for "
+                                     f"different base models cannot be merged")
+                m = base_modules.get(comp, {}).get(module) if skeleton else None
+                if skeleton and (not isinstance(m, nn.Linear) or (m.in_features, m.out_features) != shape):
+                    what = f"is {m.in_features} -> {m.out_features}" if isinstance(m, nn.Linear) else "is no Linear"
+                    raise ValueError(f"{s.path}: layer '{name}' maps {shape[0]} -> {shape[1]} features but in the "
+                                     f"base model {base} it {what}: LoRA trained for another base? (pass --model)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merging
+
+def merge_loras(sources, weights) -> dict:
+    """{component: {module: (down, up, alpha)}} whose update is exactly sum_i w_i dW_i (fp32, ranks stacked).
+    A layer only one LoRA has keeps its rank and alpha, its up scaled by w."""
+    comps = dict.fromkeys(c for s in sources for c in s.layers)
+    return {c: concat_loras([{n: (d.float(), u.float(), a) for n, (d, u, a) in s.layers.get(c, {}).items()}
+                             for s in sources], weights) for c in comps}
+
+
+def merge_embeddings(sources):
+    """Every concept's token rows, concatenated in LoRA order -> ({"clip_l", "clip_g"} or None, tokens, init words).
+    Two LoRAs that define the same token (CLIP matches tokens case-insensitively) cannot both have it."""
+    owner = {}
+    for s in sources:
+        for t in s.tokens:
+            if normalize(t) in owner:
+                raise ValueError(f"token {t} is defined by both {owner[normalize(t)]} and {s.path}: one prompt word "
+                                 "cannot mean two concepts; retrain one of them with another --token")
+            owner[normalize(t)] = s.path
+    have = [s for s in sources if s.embeds is not None]
+    if not have:
+        return None, [], []
+    for key in ("clip_l", "clip_g"):
+        widths = {s.embeds[key].shape[1] for s in have}
+        if len(widths) > 1:
+            raise ValueError(f"'{key}' token rows are {sorted(widths)} wide in different LoRAs "
+                             f"({', '.join(s.path for s in have)}): embeddings trained for different base models")
+    embeds = {k: torch.cat([s.embeds[k] for s in have]) for k in ("clip_l", "clip_g")}
+    return embeds, [t for s in have for t in s.tokens], [w for s in have for w in s.init_words]
+
+
+def merge_metadata(sources, weights, base, tokens, init_words) -> dict:
+    """str -> str safetensors metadata: 'token'/'init_word' as the trainer writes them (sample.py reads them), and
+    'merged_from': JSON list of {source, weight, tokens, metadata} (each source's own metadata, nested as is)."""
+    record = [{"source": s.path, "weight": w, "tokens": s.tokens,
+               "metadata": {k: v for k, v in s.metadata.items() if k != "lora_adapter_metadata"}}
+              for s, w in zip(sources, weights)]
+    return {"base_model": base, "token": ",".join(tokens), "init_word": ",".join(init_words),
+            "merged_from": json.dumps(record)}
+
+
+def bake_into_base(unet_weights: dict, layers: dict, dtype=torch.float16) -> dict:
+    """The base UNet's weights with the merged update added: W + alpha/r * up @ down, summed in fp32."""
+    out = {k: v.to(dtype) for k, v in unet_weights.items()}
+    for module, (down, up, alpha) in layers.items():
+        key = module + ".weight"
+        if key not in unet_weights or unet_weights[key].shape != (up.shape[0], down.shape[1]):
+            raise ValueError(f"--into-base: the base UNet has no weight '{key}' of shape "
+                             f"{(up.shape[0], down.shape[1])}: LoRA trained for another base?")
+        out[key] = (unet_weights[key].float() + (alpha / down.shape[0]) * (up.float() @ down.float())).to(dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
+
+def check_output(out):
+    """Refuse to overwrite anything but an earlier merge (a trainer's folder, say), before any work is done."""
+    if os.path.isfile(out) or (os.path.isdir(out) and os.listdir(out)
+                               and not os.path.isfile(os.path.join(out, MERGE_FILE))):
+        raise ValueError(f"--output {out} exists and is not an earlier merge: pass a new folder")
+
+
+def save_merged(out, layers, embeds, metadata, unet_config):
+    """Write the folder under a temporary name and rename it into place: it appears whole or not at all."""
+    out = os.path.normpath(out)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        save_lora_peft(tmp, layers, metadata)
+        save_lora_kohya(tmp, layers, unet_config, metadata)
+        if embeds is not None:
+            save_file(embeds, os.path.join(tmp, EMBEDS_FILE), metadata)
+        config = {k: v for k, v in metadata.items() if k != "merged_from"}
+        with open(os.path.join(tmp, MERGE_FILE), "w") as f:
+            json.dump({**config, "merged_from": json.loads(metadata["merged_from"])}, f, indent=2)
+        if os.path.exists(out):  # an earlier merge (check_output): swap, then delete it
+            os.replace(out, tmp + ".old")
+            os.replace(tmp, out)
+            shutil.rmtree(tmp + ".old")
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="fp16"):
+    """Merge the LoRAs at `paths` (trainer folders or files) with `weights` into `output` (a LoRA folder) and/or
+    `into_base` (a full UNet .safetensors, needs `model`). Everything is checked before anything is written."""
+    weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
+    if len(paths) < 2:
+        raise ValueError(f"merge needs at least two LoRAs, got {len(paths)}")
+    if len(weights) != len(paths):
+        raise ValueError(f"--weights: {len(weights)} weight(s) for {len(paths)} LoRAs; give one per LoRA")
+    if not (output or into_base):
+        raise ValueError("nothing to write: pass --output DIR (the merged LoRA) and/or --into-base FILE")
+    if into_base and not model:
+        raise ValueError("--into-base needs --model: the base model whose UNet the merged LoRA is baked into")
+    if into_base and not into_base.endswith(".safetensors"):
+        raise ValueError(f"--into-base {into_base}: must be a .safetensors file")
+    if output:
+        check_output(output)
+    base = model or base_from_metadata(paths)
+    try:
+        skeleton = base_skeleton(base)
+    except FileNotFoundError as e:
+        if model:
+            raise
+        raise FileNotFoundError(f"{e} (the base model named in the LoRAs' metadata): pass --model") from None
+    sources = [read_source(p, skeleton) for p in paths]
+    check_shapes(sources, skeleton, base)
+    layers = merge_loras(sources, weights)
+    embeds, tokens, init_words = merge_embeddings(sources)
+    metadata = merge_metadata(sources, weights, base, tokens, init_words)
+    baked = None
+    if into_base:
+        if set(layers) - {"unet"}:
+            print(f"warning: {into_base} holds the UNet only; the text-encoder LoRA layers are not baked in "
+                  "(use the merged LoRA for them)", file=sys.stderr)
+        baked = bake_into_base(load_sdxl(model).unet.state_dict(), layers.get("unet", {}), DTYPES[dtype])
+    if output:
+        save_merged(output, layers, embeds, metadata, skeleton["unet"].config)
+    if baked is not None:
+        os.makedirs(os.path.dirname(into_base) or ".", exist_ok=True)
+        _save_atomic(into_base, baked, metadata)
+    return layers, embeds, metadata
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interference analysis
+
+def mean_abs_cos_random(d):
+    """E|cos| of two independent random directions in R^d, Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2)) ~ sqrt(2/(pi d)):
+    the value 'unrelated' LoRAs reach, to read the table against."""
+    return math.exp(math.lgamma(d / 2) - math.lgamma((d + 1) / 2)) / math.sqrt(math.pi)
+
+
+def interference(a: dict, b: dict) -> list[dict]:
+    """Per layer both LoRAs have: the mean |cos| over all r_a x r_b pairs of up columns (output directions) and of
+    down rows (input directions). Scale and alpha do not matter; a zero vector (an untrained up) counts as 0.
+    Orthogonal subspaces give 0; identical rank-1 LoRAs give 1 (identical rank-r ones with orthogonal columns 1/r)."""
+    rows = []
+    for comp, layers in a.items():
+        for module, (da, ua, _) in layers.items():
+            if module not in b.get(comp, {}):
+                continue
+            db, ub, _ = b[comp][module]
+            if ua.shape[0] != ub.shape[0] or da.shape[1] != db.shape[1]:
+                raise ValueError(f"layer '{comp}.{module}' has other shapes in the two LoRAs: trained for "
+                                 "different base models")
+            up = F.normalize(ua.float(), dim=0).T @ F.normalize(ub.float(), dim=0)
+            down = F.normalize(da.float(), dim=1) @ F.normalize(db.float(), dim=1).T
+            rows.append({"layer": f"{comp}.{module}", "rank_a": da.shape[0], "rank_b": db.shape[0],
+                         "up_cos": up.abs().mean().item(), "down_cos": down.abs().mean().item(),
+                         "up_random": mean_abs_cos_random(ua.shape[0]),
+                         "down_random": mean_abs_cos_random(da.shape[1])})
+    return rows
+
+
+def _name(path):
+    """'output/dog' and 'output/dog/pytorch_lora_weights.safetensors' -> 'dog'; 'x/style.safetensors' -> 'style'."""
+    path = os.path.normpath(path)
+    if os.path.basename(path) in (PEFT_FILE, KOHYA_FILE):
+        path = os.path.dirname(path)
+    return os.path.splitext(os.path.basename(path))[0] if os.path.isfile(path) else os.path.basename(path)
+
+
+def analyze(path_a, path_b, csv_path=None, model=None):
+    """Print the interference table and its mean, write it as CSV (default: interference_<a>_<b>.csv beside A)."""
+    skeleton = base_skeleton(model) if model else None
+    a, b = read_source(path_a, skeleton), read_source(path_b, skeleton)
+    check_shapes([a, b], skeleton, model)
+    rows = interference(a.layers, b.layers)
+    if not rows:
+        raise ValueError(f"{path_a} and {path_b} share no layer: there is nothing to compare")
+    if csv_path is None:
+        csv_path = os.path.join(os.path.dirname(os.path.normpath(path_a)),
+                                f"interference_{_name(path_a)}_{_name(path_b)}.csv")
+    w = max(len(r["layer"]) for r in rows)
+    print(f"{'layer':<{w}}  r_a  r_b  {'|cos| up':>9}  {'|cos| down':>10}  {'random up':>9}  {'random down':>11}")
+    for r in rows:
+        print(f"{r['layer']:<{w}}  {r['rank_a']:>3}  {r['rank_b']:>3}  {r['up_cos']:9.4f}  {r['down_cos']:10.4f}  "
+              f"{r['up_random']:9.4f}  {r['down_random']:11.4f}")
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("up_cos", "down_cos", "up_random", "down_random")}
+    n_a, n_b = (sum(len(x) for x in s.layers.values()) for s in (a, b))
+    print(f"mean over {len(rows)} shared layers: |cos| up {mean['up_cos']:.4f}, down {mean['down_cos']:.4f} "
+          f"(random directions: up {mean['up_random']:.4f}, down {mean['down_random']:.4f}); "
+          f"{n_a + n_b - 2 * len(rows)} layer(s) in only one LoRA")
+    tmp = f"{csv_path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, csv_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"wrote {csv_path}")
+    return rows, mean
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Merge DCO LoRAs exactly (w1 dW1 + w2 dW2 + ...), or analyze how two "
+                                            "LoRAs overlap (--analyze A B).")
+    p.add_argument("loras", nargs="+", help="trainer output folders (or LoRA .safetensors files)")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per LoRA (default: all 1)")
+    p.add_argument("--output", help="folder for the merged LoRA (diffusers + kohya files, learned tokens)")
+    p.add_argument("--model", help="the base model (hub id, diffusers folder, single file); default: the LoRAs' "
+                                   "base_model metadata, else SDXL base. Only configs are read, unless --into-base")
+    p.add_argument("--into-base", metavar="FILE", help="bake the merged LoRA into a full UNet .safetensors (diffusers "
+                                                       "names, like unet/diffusion_pytorch_model.safetensors)")
+    p.add_argument("--dtype", default="fp16", choices=list(DTYPES), help="--into-base weights (default fp16, "
+                                                                         "SDXL's own; fp32 keeps every bit of dW)")
+    p.add_argument("--analyze", action="store_true", help="print the interference table of two LoRAs (no merge)")
+    p.add_argument("--csv", help="--analyze: CSV path (default: interference_<A>_<B>.csv beside A)")
+    args = p.parse_args(argv)
+    try:
+        if args.analyze:
+            if len(args.loras) != 2 or args.weights or args.output or args.into_base:
+                raise ValueError("--analyze compares exactly two LoRAs and writes only --csv")
+            analyze(*args.loras, csv_path=args.csv, model=args.model)
+        else:
+            layers, embeds, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.dtype)
+            ranks = [d.shape[0] for c in layers.values() for d, _, _ in c.values()]
+            rank = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
+            print(f"merged {len(args.loras)} LoRAs ({len(ranks)} layers, rank {rank}, tokens "
+                  f"{meta['token'] or 'none'}) -> {', '.join(x for x in (args.output, args.into_base) if x)}")
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
