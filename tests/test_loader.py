@@ -1,5 +1,6 @@
 """sdxl.load_sdxl end to end: a tiny SDXL saved by diffusers/transformers in the real hub layout is loaded by our
 code and must give the reference outputs; the fp16 variant, the single-file checkpoint and the user errors."""
+import copy
 import os
 import shutil
 import subprocess
@@ -78,8 +79,7 @@ def test_fp16_variant_is_preferred(tiny_sdxl, tmp_path):
     folder, pipe = tiny_sdxl
     both = tmp_path / "both"
     shutil.copytree(folder, both)
-    pipe.unet.to(torch.float16).save_pretrained(both / "unet", variant="fp16")
-    pipe.unet.to(torch.float32)
+    copy.deepcopy(pipe.unet).to(torch.float16).save_pretrained(both / "unet", variant="fp16")  # the shared pipe stays fp32
     x, t, ctx, pooled, time_ids = _unet_inputs(16, 16, pipe)
     sd = load_sdxl(str(both))
     ref = load_sdxl(str(folder))
