@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny reference SDXL folder is built once per test session (it takes ~15 s)."""
 import pytest
+import torch
 
 from tiny_sdxl import save_tiny_sdxl
 
@@ -8,3 +9,13 @@ from tiny_sdxl import save_tiny_sdxl
 def tiny_sdxl(tmp_path_factory):
     """(folder, reference diffusers pipeline) of a tiny random SDXL in the real hub layout."""
     return save_tiny_sdxl(tmp_path_factory.mktemp("tiny_sdxl") / "sdxl")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine two threads fighting for the cores run
+    several times slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,6 +17,7 @@ from lora import (TEXT_ALL, UNET_ATTN, UNET_KOHYA, LoRALinear, apply_lora, conca
                   lora_state_dict, save_lora_kohya, save_lora_peft, set_lora_scale)
 from text_encoder import CLIPTextModel
 from unet_loader import UNet, load_unet_config
+from tiny_sdxl import randomize
 
 DATA = Path(__file__).parent / "data" / "sdxl"
 POOLED, CTX = 16, 32
@@ -34,16 +35,6 @@ TINY_CLIP = dict(hidden_act="quick_gelu", hidden_size=32, layer_norm_eps=1e-5, v
                  projection_dim=32, bos_token_id=98, eos_token_id=99, pad_token_id=0)
 
 
-def _randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5 if p.ndim >= 2 else 0.1 * noise)
-    return model
 
 
 def _train_like(model, seed=1):
@@ -54,14 +45,6 @@ def _train_like(model, seed=1):
             p.copy_(torch.randn(p.shape, generator=g) * 0.2)
     return model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared 2-core machine two threads run several times slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _inputs(batch=2, seed=1):
@@ -78,7 +61,7 @@ def pair(tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    theirs = _randomize(UNet2DConditionModel(**TINY)).eval()
+    theirs = randomize(UNet2DConditionModel(**TINY)).eval()
     folder = tmp_path_factory.mktemp("tiny_unet")
     theirs.save_pretrained(folder)
     config = load_unet_config(folder)
@@ -94,7 +77,7 @@ def unet(pair):
 
 def _clip(seed=0):
     torch.manual_seed(seed)
-    return _randomize(CLIPTextModel(TINY_CLIP), seed).eval()
+    return randomize(CLIPTextModel(TINY_CLIP), seed).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -500,7 +483,7 @@ def test_diffusers_loads_our_text_encoder_lora(tmp_path):
     from transformers import CLIPTextModel as HFCLIPTextModel
 
     torch.manual_seed(0)
-    theirs = _randomize(HFCLIPTextModel(CLIPTextConfig(**TINY_CLIP))).eval()
+    theirs = randomize(HFCLIPTextModel(CLIPTextConfig(**TINY_CLIP))).eval()
     ours = CLIPTextModel(TINY_CLIP, with_projection=False, eos_token_id=99).eval()
     sd = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in theirs.state_dict().items()}
     ours.load_state_dict({k: v for k, v in sd.items() if "position_ids" not in k}, strict=True)

@@ -18,14 +18,6 @@ from sdxl import load_sdxl
 H, W = 64, 96  # non-square: 8 x 12 latents
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine, thread hand-offs cost more than the maths."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def pipe(tiny_sdxl):

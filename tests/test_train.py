@@ -29,14 +29,6 @@ DATA = ROOT / "tests" / "data" / "sdxl"
 LOG2 = torch.tensor(math.log(2.0)).item()  # -log sigmoid(0) in float32, what the loss computes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two threads fighting for cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make_images(folder, sizes=((80, 64), (64, 96), (100, 100)), seed=0):
     folder.mkdir(parents=True)

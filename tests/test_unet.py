@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from unet_loader import UNet, load_unet_config
+from tiny_sdxl import randomize
 
 DATA = Path(__file__).parent / "data" / "sdxl"
 POOLED, CTX = 16, 32
@@ -26,19 +27,6 @@ TINY = dict(
 )
 
 
-def _randomize(model, seed=0):
-    # Re-init everything (zero-initialised conv_out, biases, norm affines included) so no parameter hides a bug.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif p.ndim >= 2:
-                p.copy_(noise / p[0].numel() ** 0.5)
-            else:
-                p.copy_(0.1 * noise)
-    return model
 
 
 def _inputs(h, w, seed=1):
@@ -58,7 +46,7 @@ def pair(tmp_path_factory):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
-    theirs = _randomize(UNet2DConditionModel(**TINY)).eval()
+    theirs = randomize(UNet2DConditionModel(**TINY)).eval()
     folder = tmp_path_factory.mktemp("tiny_unet")
     theirs.save_pretrained(folder)
     ours = UNet(load_unet_config(folder / "config.json"))

@@ -41,7 +41,7 @@ def text_config(hidden, act, projection):
                 bos_token_id=0, eos_token_id=2, pad_token_id=1)  # SDXL's legacy ids: eos 2 => argmax pooling
 
 
-def randomize(module, seed):
+def randomize(module, seed=0):
     """Re-draw every parameter (fan-in scaled, norm gains near 1) so zero- or one-initialised layers cannot hide
     a bug in a comparison, while activations stay of order 1."""
     g = torch.Generator().manual_seed(seed)
