@@ -12,12 +12,14 @@ so the merged LoRA has rank r1 + r2 and no SVD truncation. The output folder loo
 and kohya files, learned_embeds.safetensors with every concept's token rows, and merge_config.json. `--into-base`
 bakes the sum into a full UNet file instead (or as well).
 
-Why adding works (`--analyze`): per layer we measure the mean |cosine| between the columns of the two up matrices B
-(the directions each LoRA writes to, in output space) and between the rows of the two down matrices A (the input
-directions each LoRA reads). Near-orthogonal subspaces (|cos| near 0, or near what random directions give) barely
-interfere when added: each update hardly touches what the other reads or writes, so each concept survives the sum.
-The intuition for DCO: its loss keeps every LoRA close to the pretrained model, so separately trained DCO LoRAs stay
-small, nearly orthogonal updates -- which is why they merge well without any post-optimisation.
+Why adding works (`--analyze`): per layer we compare the two updates dW_a, dW_b column by column, as ZipLoRA does
+(Shah et al. 2023, "highly aligned LoRA weights merge poorly"): the mean over input features j of
+|cos(dW_a[:, j], dW_b[:, j])|, how alike the output directions are that the two LoRAs send feature j to (and the same
+over rows, the input directions each output feature reads). Identical LoRAs give 1; updates that barely interfere
+give |cos| near 0, or near what random directions give, sqrt(2 / (pi d)) in dimension d: added, each hardly touches
+what the other writes, so each concept survives the sum. The intuition for DCO: its loss keeps every LoRA close to
+the pretrained model, so separately trained DCO LoRAs stay small, nearly orthogonal updates -- which is why they merge
+well without any post-optimisation.
 """
 import argparse
 import csv
@@ -169,10 +171,15 @@ def check_shapes(sources, skeleton=None, base=""):
 
 def merge_loras(sources, weights) -> dict:
     """{component: {module: (down, up, alpha)}} whose update is exactly sum_i w_i dW_i (fp32, ranks stacked).
-    A layer only one LoRA has keeps its rank and alpha, its up scaled by w."""
+    A layer only one LoRA has keeps its rank, its up scaled by w. Every layer gets ONE alpha, the largest rank, with
+    each layer's own alpha / alpha folded into its up: diffusers (0.42) reads a kohya file's per-layer alphas under
+    names that match none of its modules and so applies the most common alpha to every layer."""
     comps = dict.fromkeys(c for s in sources for c in s.layers)
-    return {c: concat_loras([{n: (d.float(), u.float(), a) for n, (d, u, a) in s.layers.get(c, {}).items()}
-                             for s in sources], weights) for c in comps}
+    merged = {c: concat_loras([{n: (d.float(), u.float(), a) for n, (d, u, a) in s.layers.get(c, {}).items()}
+                               for s in sources], weights) for c in comps}
+    alpha = float(max(d.shape[0] for layers in merged.values() for d, _, _ in layers.values()))
+    return {c: {n: (d, u * (a / alpha) if a != alpha else u, alpha) for n, (d, u, a) in layers.items()}
+            for c, layers in merged.items()}
 
 
 def merge_embeddings(sources):
@@ -307,9 +314,13 @@ def mean_abs_cos_random(d):
 
 
 def interference(a: dict, b: dict) -> list[dict]:
-    """Per layer both LoRAs have: the mean |cos| over all r_a x r_b pairs of up columns (output directions) and of
-    down rows (input directions). Scale and alpha do not matter; a zero vector (an untrained up) counts as 0.
-    Orthogonal subspaces give 0; identical rank-1 LoRAs give 1 (identical rank-r ones with orthogonal columns 1/r)."""
+    """Per layer both LoRAs have: col_cos, the mean over input features j of |cos(dW_a[:, j], dW_b[:, j])|, and
+    row_cos, the mean over output features i of |cos(dW_a[i, :], dW_b[i, :])|, with dW = up @ down. Scale, alpha and
+    sign do not matter; a zero column (an untrained up) counts as 0. Identical LoRAs give 1, updates on disjoint
+    features 0, independent random LoRAs about sqrt(2 / (pi d)) (col_random: d = out features, row_random: d = in).
+    Also up_cos / down_cos, the same measure on the factors themselves: |cos| between up column k of A and of B (and
+    down row k), k < min(rank): the literal "columns of the up-matrices" reading. Identical LoRAs give 1 here too, but
+    a LoRA's rank directions can be permuted without changing dW, so the dW columns above are the robust measure."""
     rows = []
     for comp, layers in a.items():
         for module, (da, ua, _) in layers.items():
@@ -319,12 +330,15 @@ def interference(a: dict, b: dict) -> list[dict]:
             if ua.shape[0] != ub.shape[0] or da.shape[1] != db.shape[1]:
                 raise ValueError(f"layer '{comp}.{module}' has other shapes in the two LoRAs: trained for "
                                  "different base models")
-            up = F.normalize(ua.float(), dim=0).T @ F.normalize(ub.float(), dim=0)
-            down = F.normalize(da.float(), dim=1) @ F.normalize(db.float(), dim=1).T
+            dw_a, dw_b = ua.float() @ da.float(), ub.float() @ db.float()  # [out, in]; alpha / r cancels in a cosine
+            r = min(da.shape[0], db.shape[0])
             rows.append({"layer": f"{comp}.{module}", "rank_a": da.shape[0], "rank_b": db.shape[0],
-                         "up_cos": up.abs().mean().item(), "down_cos": down.abs().mean().item(),
-                         "up_random": mean_abs_cos_random(ua.shape[0]),
-                         "down_random": mean_abs_cos_random(da.shape[1])})
+                         "col_cos": F.cosine_similarity(dw_a, dw_b, dim=0).abs().mean().item(),
+                         "row_cos": F.cosine_similarity(dw_a, dw_b, dim=1).abs().mean().item(),
+                         "up_cos": F.cosine_similarity(ua[:, :r].float(), ub[:, :r].float(), dim=0).abs().mean().item(),
+                         "down_cos": F.cosine_similarity(da[:r].float(), db[:r].float(), dim=1).abs().mean().item(),
+                         "col_random": mean_abs_cos_random(ua.shape[0]),
+                         "row_random": mean_abs_cos_random(da.shape[1])})
     return rows
 
 
@@ -348,14 +362,17 @@ def analyze(path_a, path_b, csv_path=None, model=None):
         csv_path = os.path.join(os.path.dirname(os.path.normpath(path_a)),
                                 f"interference_{_name(path_a)}_{_name(path_b)}.csv")
     w = max(len(r["layer"]) for r in rows)
-    print(f"{'layer':<{w}}  r_a  r_b  {'|cos| up':>9}  {'|cos| down':>10}  {'random up':>9}  {'random down':>11}")
+    print(f"{'layer':<{w}}  r_a  r_b  {'|cos| cols':>10}  {'|cos| rows':>10}  {'|cos| up':>8}  {'|cos| down':>10}  "
+          f"{'random cols':>11}  {'random rows':>11}")
     for r in rows:
-        print(f"{r['layer']:<{w}}  {r['rank_a']:>3}  {r['rank_b']:>3}  {r['up_cos']:9.4f}  {r['down_cos']:10.4f}  "
-              f"{r['up_random']:9.4f}  {r['down_random']:11.4f}")
-    mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("up_cos", "down_cos", "up_random", "down_random")}
+        print(f"{r['layer']:<{w}}  {r['rank_a']:>3}  {r['rank_b']:>3}  {r['col_cos']:10.4f}  {r['row_cos']:10.4f}  "
+              f"{r['up_cos']:8.4f}  {r['down_cos']:10.4f}  {r['col_random']:11.4f}  {r['row_random']:11.4f}")
+    mean = {k: sum(r[k] for r in rows) / len(rows)
+            for k in ("col_cos", "row_cos", "up_cos", "down_cos", "col_random", "row_random")}
     n_a, n_b = (sum(len(x) for x in s.layers.values()) for s in (a, b))
-    print(f"mean over {len(rows)} shared layers: |cos| up {mean['up_cos']:.4f}, down {mean['down_cos']:.4f} "
-          f"(random directions: up {mean['up_random']:.4f}, down {mean['down_random']:.4f}); "
+    print(f"mean over {len(rows)} shared layers: |cos| columns {mean['col_cos']:.4f}, rows {mean['row_cos']:.4f}, "
+          f"up {mean['up_cos']:.4f}, down {mean['down_cos']:.4f} "
+          f"(random directions: columns {mean['col_random']:.4f}, rows {mean['row_random']:.4f}); "
           f"{n_a + n_b - 2 * len(rows)} layer(s) in only one LoRA")
     tmp = f"{csv_path}.tmp-{os.getpid()}"
     try:

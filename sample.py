@@ -324,6 +324,7 @@ def save_png(image, path, meta):
     info = PngInfo()
     for key, value in meta.items():
         info.add_text(key, str(value))
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # only now: a run that fails leaves no empty folder
     image.save(path, pnginfo=info)
 
 
@@ -412,7 +413,6 @@ def run(args):
     meta = {k: v for k, v in meta.items() if v is not None}
     stem, ext = os.path.splitext(args.out)
     ext = ext or ".png"
-    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     rows = []
     for wcon in wcons:
         images = generate(sd, [args.prompt], args.negative_prompt, base_prompt, args.height, args.width, args.steps,

@@ -104,3 +104,53 @@ def test_prior_preservation_adds_weighted_class_term():
     cls = dco.diffusion_loss(b, eps)
     assert torch.allclose(dco.prior_preservation_loss(a, eps, b, eps, prior_weight=0.5), inst + 0.5 * cls)
     assert torch.allclose(dco.diffusion_loss(a, eps), torch.nn.functional.mse_loss(a, eps))
+
+
+def test_add_noise_and_snr_match_diffusers_at_every_step():
+    """All 1000 training timesteps at once, one sample per t, against DDPMScheduler (the oracle)."""
+    sched = DDPMScheduler(**SCHED)
+    ac = dco.alphas_cumprod(SCHED)
+    t = torch.arange(1000)
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.randn(1000, 4, 2, 2, generator=g), torch.randn(1000, 4, 2, 2, generator=g)
+    diff = (dco.add_noise(x0, eps, t, ac) - sched.add_noise(x0, eps, t)).abs().max().item()
+    rel = ((dco.snr(t, ac) - compute_snr(sched, t)) / compute_snr(sched, t)).abs().max().item()
+    print(f"1000 steps: add_noise max abs diff {diff:.3g}, SNR max rel diff {rel:.3g}")
+    # SNR = abar / (1 - abar): near t = 0, abar ~ 0.999 holds only ~5 digits of 1 - abar in float32 (one ulp of
+    # abar is 6e-8 of 1 - abar ~ 3e-3), so both libraries sit ~2e-5 (relative) from the float64 value there.
+    assert diff <= 1e-5 and rel <= 5e-5
+    assert dco.snr(t, ac)[0] > 1000 and dco.snr(t, ac)[-1] < 5e-3  # the range really was covered
+
+
+def test_dco_loss_on_hand_made_tensors():
+    """Numbers small enough to check by hand: l_theta = 1, l_phi = 1/4, beta = 2 -> log(1 + e^{3/2});
+    second sample l_theta = 0, l_phi = 1 -> log(1 + e^{-2})."""
+    eps = torch.zeros(2, 1, 2, 2)
+    eps_theta = torch.stack([torch.ones(1, 2, 2), torch.zeros(1, 2, 2)])
+    eps_phi = torch.stack([torch.full((1, 2, 2), 0.5), torch.tensor([[[1.0, -1.0], [1.0, -1.0]]])])
+    loss, reward = dco.dco_loss(eps_theta, eps_phi, eps, beta=2.0)
+    per_sample = [math.log(1 + math.exp(1.5)), math.log(1 + math.exp(-2.0))]
+    assert abs(loss.item() - sum(per_sample) / 2) < 1e-6
+    assert torch.allclose(reward, torch.tensor([-0.75, 1.0]))
+    loss_b, _ = dco.dco_loss(eps_theta, eps_phi, eps, beta=2.0, reduction="batch")  # mean errors 1/2 and 5/8
+    assert abs(loss_b.item() - math.log(1 + math.exp(2.0 * (0.5 - 0.625)))) < 1e-6
+    w = torch.tensor([2.0, 0.5])  # per-sample weights scale both errors
+    loss_w, _ = dco.dco_loss(eps_theta, eps_phi, eps, beta=2.0, weights=w)
+    assert abs(loss_w.item() - (math.log(1 + math.exp(3.0)) + math.log(1 + math.exp(-1.0))) / 2) < 1e-6
+
+
+def test_dco_gradient_is_half_beta_dreambooth_for_a_batch():
+    """theta = phi for every sample of a batch of 4: per-sample reduction -> exactly beta/2 times the gradient of
+    the plain diffusion loss; the batch reduction too (one sigmoid(0) = 1/2 for the mean errors)."""
+    eps_theta, _, eps = _preds(seed=3, b=4)
+    beta = 1000.0
+    y = eps_theta.clone().requires_grad_()
+    dco.diffusion_loss(y, eps).backward()
+    for reduction in ("sample", "batch"):
+        x = eps_theta.clone().requires_grad_()
+        loss, _ = dco.dco_loss(x, eps_theta.clone(), eps, beta, reduction=reduction)
+        assert abs(loss.item() - math.log(2)) < 1e-6
+        loss.backward()
+        rel = ((x.grad - beta / 2 * y.grad).abs().max() / y.grad.abs().max()).item()
+        print(f"{reduction}: |grad DCO - beta/2 grad DB| / |grad DB| = {rel:.3g}")
+        assert rel <= 1e-5

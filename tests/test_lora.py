@@ -153,6 +153,26 @@ def test_per_sample_scale_mixes_theta_and_phi_in_one_batch(pair, unet):
     assert diff <= 1e-6
 
 
+def test_per_sample_scale_equals_separate_calls(pair, unet):
+    """scale [1, 0, 0.5] in one batch of 3 = three batch-1 calls with float scales 1, 0 and 0.5."""
+    x = _inputs(batch=3)
+    inject_lora(unet, rank=4)
+    _train_like(unet)
+    rows = [{k: v[i:i + 1] for k, v in x.items()} for i in range(3)]
+    with torch.no_grad():
+        set_lora_scale(unet, torch.tensor([1.0, 0.0, 0.5]))
+        mixed = unet(**x)
+        alone = []
+        for row, s in zip(rows, (1.0, 0.0, 0.5)):
+            set_lora_scale(unet, s)
+            alone.append(unet(**row))
+        base, base2 = pair[1](**rows[1]), pair[1](**rows[2])
+    diff = max((mixed[i:i + 1] - alone[i]).abs().max().item() for i in range(3))
+    print(f"per-sample scale in one batch vs three separate calls: max abs diff {diff:.3g}")
+    assert diff <= 1e-5
+    assert torch.equal(alone[1], base)  # float 0 skips the branch: the base model bit for bit
+    assert (alone[2] - base2).abs().max() > 1e-3  # scale 0.5 really adds the LoRA
+
 def test_merge_unmerge(unet):
     x = _inputs()
     inject_lora(unet, rank=4, alpha=2.0, targets=UNET_KOHYA)

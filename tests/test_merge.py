@@ -179,6 +179,28 @@ def test_diffusers_loads_merged_peft_file(tiny_sdxl, base, dog_in_style):
     assert diff <= 1e-5 and (want - plain).abs().max() > 1e-2
 
 
+def test_diffusers_loads_merged_kohya_file(tiny_sdxl, base, dog_in_style):
+    """The merged kohya file (stacked ranks 7 and 4, one alpha per layer) read by diffusers' kohya converter and loaded
+    into its UNet (peft): the same UNet output as ours with the merged PEFT file. (Not load_lora_weights: for the
+    CLIP-L layers, q/v only here, diffusers 0.42 cannot infer the format unless out_proj layers are present.)"""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (not installed)")
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = copy.deepcopy(tiny_sdxl[1])
+    state, alphas = StableDiffusionXLPipeline.lora_state_dict(str(dog_in_style / KOHYA_FILE),
+                                                              unet_config=pipe.unet.config)
+    pipe.unet.load_lora_adapter(state, prefix="unet", network_alphas=alphas)
+    ours = copy.deepcopy(base.unet)
+    apply_lora(ours, load_lora_file(str(dog_in_style / PEFT_FILE))[0]["unet"])
+    x, t, ctx, pooled, ids = _unet_inputs(3)
+    with torch.no_grad():
+        want = pipe.unet(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}).sample
+        got, plain = ours(x, t, ctx, pooled, ids), base.unet(x, t, ctx, pooled, ids)
+    diff = (got - want).abs().max().item()
+    print(f"merged kohya file in diffusers (kohya converter, load_lora_adapter) vs ours: max abs diff {diff:.3g}")
+    assert diff <= 1e-5 and (want - plain).abs().max() > 1e-2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Learned tokens
 
@@ -250,13 +272,16 @@ def test_into_base_bakes_the_sum_into_a_unet_file(tiny_sdxl, tmp_path, base, lor
 
 
 def test_analyze_known_geometry(tmp_path, capsys):
-    e, f = torch.eye(8), torch.eye(6)
-    s = 0.5 ** 0.5
-    a = {"orth": (f[[0, 1]], e[:, [0, 1]], 2.0), "same": (f[[2]], e[:, [3]], 1.0),
-         "half": (f[[0, 1]], e[:, [0, 1]], 2.0), "only_a": (f[[0]], e[:, [0]], 1.0)}
-    b = {"orth": (f[[2, 3]], 5 * e[:, [2, 3]], 7.0),  # scale and alpha do not matter
-         "same": (3 * f[[2]], -e[:, [3]], 1.0),  # nor the sign: |cos|
-         "half": (torch.stack([s * (f[0] + f[1]), s * (f[0] - f[1])]), e[:, [0, 1]], 2.0)}
+    g = torch.Generator().manual_seed(0)
+    e = torch.eye(8)
+    v = torch.randn(1, 6, generator=g).abs() + 0.1  # a dense down: no column of dW is zero
+    up4, down4 = torch.randn(4, 3, generator=g), torch.randn(3, 6, generator=g)
+    a = {"orth": (down4, torch.cat([up4, torch.zeros(4, 3)]), 3.0),  # writes to outputs 0-3 ...
+         "same": (down4.clone(), torch.randn(8, 3, generator=g), 3.0),
+         "half": (v, e[:, [0]], 1.0), "only_a": (v.clone(), e[:, [0]], 1.0)}
+    b = {"orth": (torch.randn(2, 6, generator=g), torch.cat([torch.zeros(4, 2), torch.randn(4, 2, generator=g)]), 9.0),
+         "same": (3 * down4, -a["same"][1], 1.0),  # ... and outputs 4-7; scale, alpha and sign do not matter
+         "half": (v.clone(), e[:, [0]] + e[:, [1]], 1.0)}  # columns at 45 degrees; rows: 0 equal, 1 in b only
     save_lora_peft(tmp_path / "a", {"unet": a})
     save_lora_peft(tmp_path / "b", {"unet": b})
     merge.main(["--analyze", str(tmp_path / "a"), str(tmp_path / "b")])
@@ -265,24 +290,50 @@ def test_analyze_known_geometry(tmp_path, capsys):
     with open(tmp_path / "interference_a_b.csv") as fh:  # default: beside A
         rows = {r["layer"]: r for r in csv.DictReader(fh)}
     assert set(rows) == {"unet.orth", "unet.same", "unet.half"}
-    want = {"unet.orth": (0.0, 0.0), "unet.same": (1.0, 1.0), "unet.half": (0.5, s)}
-    for layer, (up, down) in want.items():
-        assert abs(float(rows[layer]["up_cos"]) - up) < 1e-6 and abs(float(rows[layer]["down_cos"]) - down) < 1e-6
-    assert rows["unet.half"]["rank_a"] == "2" and rows["unet.same"]["rank_b"] == "1"
-    assert abs(float(rows["unet.orth"]["up_random"]) - merge.mean_abs_cos_random(8)) < 1e-12
-    assert f"|cos| up {0.5:.4f}, down {(1 + s) / 3:.4f}" in printed and "1 layer(s) in only one LoRA" in printed
+    s = 0.5 ** 0.5
+    want = {"unet.orth": (0.0, 0.0), "unet.same": (1.0, 1.0), "unet.half": (s, 1 / 8)}
+    for layer, (col, row) in want.items():
+        assert abs(float(rows[layer]["col_cos"]) - col) < 1e-6 and abs(float(rows[layer]["row_cos"]) - row) < 1e-6
+    assert rows["unet.orth"]["rank_a"] == "3" and rows["unet.orth"]["rank_b"] == "2"
+    assert abs(float(rows["unet.orth"]["col_random"]) - merge.mean_abs_cos_random(8)) < 1e-12
+    assert abs(float(rows["unet.orth"]["row_random"]) - merge.mean_abs_cos_random(6)) < 1e-12
+    assert f"|cos| columns {(1 + s) / 3:.4f}, rows {(1 + 1 / 8) / 3:.4f}" in printed
+    assert "1 layer(s) in only one LoRA" in printed
     # E|cos| of random directions: 2/pi in the plane, 1/2 in space (Archimedes), ~sqrt(2/(pi d)) for large d
     assert abs(merge.mean_abs_cos_random(2) - 2 / torch.pi) < 1e-12 and abs(merge.mean_abs_cos_random(3) - 0.5) < 1e-12
     assert abs(merge.mean_abs_cos_random(2048) / (2 / (torch.pi * 2048)) ** 0.5 - 1) < 1e-3
 
 
+def test_analyze_identical_loras_is_one(tmp_path, loras, capsys):
+    """A LoRA against itself (every rank-4 layer, UNet and text encoder): 1.0 in every layer."""
+    merge.main(["--analyze", str(loras["dog"][0]), str(loras["dog"][0]), "--csv", str(tmp_path / "same.csv")])
+    printed = capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "same.csv")))
+    assert len(rows) == sum(len(layers) for layers in loras["dog"][1].values())
+    worst = max(abs(float(r[k]) - 1) for r in rows for k in ("col_cos", "row_cos", "up_cos", "down_cos"))
+    print(f"dog vs dog: {len(rows)} layers, max |mean |cos| - 1| {worst:.3g}")
+    assert worst < 1e-6 and "|cos| columns 1.0000, rows 1.0000, up 1.0000, down 1.0000" in printed
+
+
 def test_analyze_random_loras_look_like_random_directions(tmp_path, loras):
-    """Independent random LoRAs: the measured |cos| is what random directions give (the table's baseline)."""
+    """Independent random LoRAs: dW_a[:, j] = up_a @ down_a[:, j] is an isotropic Gaussian vector (up_a is iid
+    Gaussian), independent of dW_b's, so E|cos| is exactly that of random directions in R^out,
+    Gamma(d/2) / (sqrt(pi) Gamma((d+1)/2)) ~ sqrt(2 / (pi d)); rows likewise in R^in."""
     path = tmp_path / "dog_style.csv"
     rows, mean = merge.analyze(str(loras["dog"][0]), str(loras["style"][0]), csv_path=str(path))
     shared = set(loras["dog"][1]["unet"]) & set(loras["style"][1]["unet"])  # to_k, to_v of every attention
     assert len(list(csv.DictReader(open(path)))) == len(rows) == len(shared) == 44
-    assert abs(mean["up_cos"] / mean["up_random"] - 1) < 0.1 and abs(mean["down_cos"] / mean["down_random"] - 1) < 0.1
+    approx = {k: sum((2 / (torch.pi * d)) ** 0.5 for d in ds) / len(rows) for k, ds in
+              (("col", [loras["dog"][1]["unet"][r["layer"][5:]][1].shape[0] for r in rows]),
+               ("row", [loras["dog"][1]["unet"][r["layer"][5:]][0].shape[1] for r in rows]))}
+    print(f"dog vs style: mean |cos| columns {mean['col_cos']:.4f} (random {mean['col_random']:.4f}, "
+          f"sqrt(2/(pi d)) {approx['col']:.4f}), rows {mean['row_cos']:.4f} (random {mean['row_random']:.4f}, "
+          f"sqrt(2/(pi d)) {approx['row']:.4f})")
+    for k in ("col", "row"):
+        assert abs(mean[f"{k}_cos"] / mean[f"{k}_random"] - 1) < 0.1 and abs(mean[f"{k}_cos"] / approx[k] - 1) < 0.1
+    assert mean["col_cos"] < 0.2 and mean["row_cos"] < 0.2  # near 0, far from the 1.0 of identical LoRAs
+    # the factors themselves: random up columns live in R^out, random down rows in R^in
+    assert abs(mean["up_cos"] / mean["col_random"] - 1) < 0.2 and abs(mean["down_cos"] / mean["row_random"] - 1) < 0.2
 
 
 # ----------------------------------------------------------------------------------------------------------

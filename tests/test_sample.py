@@ -213,6 +213,49 @@ def test_consistency_guidance_one_call_equals_official_two_calls(fresh, loras):
     assert min(terms) > 1e-2  # the LoRA term is far from zero, so a wrong row or scale would show
 
 
+def test_consistency_guidance_equals_three_separate_unbatched_calls(fresh, loras):
+    """The paper's formula from first principles: for every image of a batch of 4 (2 prompts x 2, 64x96), three
+    separate batch-1 calls -- phi(empty), phi(c_base), theta(c) -- each prompt encoded alone with the text-encoder
+    LoRA off (phi) or on (theta), combined by hand; against our one batched call.
+
+    In float64: in float32 a batch-12 and a batch-1 UNet call already differ by ~2.6e-6 (CPU kernels block by batch
+    size), and the guidance formula, -4 e_empty + 2 e_base + 3 e_c here, multiplies that by up to 9."""
+    tokens = sample.load_lora(fresh, str(loras["dog"][0]))
+    for model in (fresh.unet, fresh.text_encoder, fresh.text_encoder_2):
+        model.double()
+    prompts = ["a <dog> on the beach", "a <dog> in the snow"]
+    base = [sample.replace_tokens(p, tokens) for p in prompts]
+    n, cfg, wcon, m = 2, 5.0, 3.0, 0.8
+    eps_fn = sample.guided_eps(fresh.unet, sample.conditioning(fresh, prompts, None, base, H, W, n, cfg, wcon, m),
+                               cfg, wcon)
+    ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=torch.float32)
+
+    def encode(prompt, scale):
+        with lora_scale(fresh.text_encoder, scale), lora_scale(fresh.text_encoder_2, scale):
+            return fresh.encode_prompt([prompt])
+
+    def unet(x, t, cond, scale):
+        with lora_scale(fresh.unet, scale):
+            return fresh.unet(x, t, *cond, ids)
+
+    x = torch.randn(len(prompts) * n, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64)
+    diffs, terms = [], []
+    with torch.no_grad():
+        for t in sample.leading_timesteps(4)[[0, -1]]:  # a noisy and an almost clean step
+            got = eps_fn(x, t)
+            for k in range(len(x)):  # image k shows prompt k // n (diffusers' order)
+                c, c_base = encode(prompts[k // n], m), encode(base[k // n], 0.0)
+                empty = tuple(torch.zeros_like(e) for e in c_base)  # SDXL's zero embeddings, no negative prompt
+                e_empty, e_base, e_c = unet(x[k:k + 1], t, empty, 0.0), unet(x[k:k + 1], t, c_base, 0.0), \
+                    unet(x[k:k + 1], t, c, m)
+                want = e_empty + cfg * (e_base - e_empty) + wcon * (e_c - e_base)
+                diffs.append((got[k:k + 1] - want).abs().max().item())
+                terms.append((e_c - e_base).abs().max().item())
+    print(f"consistency guidance, one batched call vs 3 separate batch-1 calls per image: max abs diff "
+          f"{max(diffs):.3g} over {len(diffs)} (image, step) pairs; smallest LoRA term {min(terms):.3g}")
+    assert max(diffs) <= 1e-5 and min(terms) > 1e-2
+
 def test_wcon_zero_is_plain_sampling_with_the_lora_on(pipe, fresh, loras):
     """Oracle: diffusers' pipeline with the same LoRA merged into its UNet and text encoder weights by hand."""
     from diffusers import StableDiffusionXLPipeline
@@ -242,6 +285,58 @@ def test_zero_lora_scale_and_same_prompt_is_base_model_cfg(pipe, base, fresh, lo
           f"ours {(got - ours).abs().max():.3g}")
     assert (got - want).abs().max() <= 1e-4 and (got - ours).abs().max() <= 1e-5
 
+
+@pytest.fixture(scope="module")
+def pipe_with_dog(pipe, loras):
+    """diffusers' pipeline with OUR 'dog' PEFT file (UNet + CLIP-L layers, alpha != rank) loaded by its own
+    load_lora_weights (peft): the oracle for sampling with a LoRA."""
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs peft (not installed)")
+    lora_pipe = copy.deepcopy(pipe)
+    lora_pipe.load_lora_weights(str(loras["dog"][0]))
+    return lora_pipe
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+def test_lora_latents_match_diffusers_loading_our_file(pipe, pipe_with_dog, fresh, loras, sampler):
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    ref = pipe_with_dog
+    if sampler == "ddim":
+        ddim = DDIMScheduler.from_config(ref.scheduler.config)
+        ref = StableDiffusionXLPipeline(**{**ref.components, "scheduler": ddim})
+        ref.set_progress_bar_config(disable=True)
+    prompt = "a photo of a dog on the beach"
+    want = _diffusers(ref, prompt, seed=9)
+    sample.load_lora(fresh, str(loras["dog"][0]))
+    got = sample.generate_latents(fresh, prompt, height=H, width=W, steps=4, seed=9, sampler=sampler, progress=False)
+    without = sample.generate_latents(fresh, prompt, height=H, width=W, steps=4, seed=9, sampler=sampler,
+                                      lora_multiplier=0.0, progress=False)  # LoRA scale 0: the base model
+    diff = (got - want).abs().max().item()
+    print(f"{sampler} + CFG with our LoRA file, ours vs diffusers' load_lora_weights: latents max abs diff {diff:.3g}; "
+          f"LoRA effect {(want - without).abs().max():.3g}")
+    assert diff <= 1e-4 and (want - without).abs().max() > 1e-2
+
+
+def _pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+@pytest.mark.parametrize("with_lora", [False, True])
+def test_cli_png_equals_diffusers_png(tiny_sdxl, pipe, tmp_path, loras, with_lora, request):
+    """The PNG file `sample.py` writes vs diffusers' image saved as PNG: same model folder, prompt, seed, size, steps,
+    CFG; with_lora: our LoRA file in both (--lora, and diffusers' load_lora_weights)."""
+    prompt, lora = "a photo of a dog on the beach", ["--lora", str(loras["dog"][0]), "--wcon", "0"]
+    _cli(tiny_sdxl, tmp_path / "ours.png", "--prompt", prompt, "--n", "1", "--cfg", "5", "--seed", "6",
+         "--height", str(H), "--width", str(W), *(lora if with_lora else []))
+    ref = request.getfixturevalue("pipe_with_dog") if with_lora else pipe
+    _diffusers(ref, prompt, seed=6, steps=2, output_type="pil")[0].save(tmp_path / "diffusers.png")
+    ours, theirs = _pixels(tmp_path / "ours.png"), _pixels(tmp_path / "diffusers.png")
+    diff = np.abs(ours - theirs).max()
+    print(f"{'with' if with_lora else 'without'} LoRA: sample.py PNG vs diffusers PNG, max pixel diff {diff}/255")
+    assert ours.shape == theirs.shape == (H, W, 3) and diff <= 2 and ours.std() > 5  # a real picture, not flat
+    if with_lora:  # and the LoRA shows in the pixels
+        _diffusers(pipe, prompt, seed=6, steps=2, output_type="pil")[0].save(tmp_path / "base.png")
+        assert np.abs(ours - _pixels(tmp_path / "base.png")).max() > 2
 
 # ----------------------------------------------------------------------------------------------------------
 # LoRA and learned-token loading
@@ -363,3 +458,48 @@ def test_cli_errors_are_one_line(tiny_sdxl, tmp_path, loras):
             _cli(tiny_sdxl, tmp_path / "e.png", "--prompt", "a dog", *args)
         msg = str(e.value.code)
         assert msg.startswith("error: ") and want in msg and "\n" not in msg
+
+
+def test_cli_sweep_grid_has_one_tile_per_image(tiny_sdxl, tmp_path, loras):
+    """--wcon 0,1,3 --n 2: a 3 x 2 grid (plus the label strip) and the 6 images beside it, each tile its image."""
+    _cli(tiny_sdxl, tmp_path / "sweep.png", "--lora", str(loras["dog"][0]), "--prompt", "a <dog> on the beach",
+         "--wcon", "0,1,3", "--n", "2")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["sweep.png"] + [f"sweep_wcon{w}_{i}.png" for w in (0, 1, 3) for i in (0, 1)]
+    grid = Image.open(tmp_path / "sweep.png")
+    pad = grid.size[0] - 2 * 64
+    assert grid.size[1] == 3 * 64 and pad > 0 and grid.text["wcon"] == "0,1,3" and grid.text["n"] == "2"
+    pixels = np.asarray(grid.convert("RGB"))
+    tiles = {}
+    for r, w in enumerate((0, 1, 3)):
+        for i in (0, 1):
+            image = Image.open(tmp_path / f"sweep_wcon{w}_{i}.png")
+            assert image.size == (64, 64) and image.text["wcon"] == str(w) and image.text["index"] == str(i)
+            tiles[w, i] = np.asarray(image.convert("RGB"))
+            assert np.array_equal(pixels[r * 64:(r + 1) * 64, pad + i * 64:pad + (i + 1) * 64], tiles[w, i])
+    assert not np.array_equal(tiles[0, 0], tiles[3, 0]) and not np.array_equal(tiles[1, 0], tiles[1, 1])
+
+
+@pytest.mark.parametrize("case", ["missing-lora", "wcon-without-lora", "missing-model", "lora-for-another-base",
+                                  "steps-0", "size-not-multiple", "n-0"])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tiny_sdxl, tmp_path, loras, case):
+    out = tmp_path / "new" / "e.png"  # a folder that does not exist yet: not even it may appear
+    args = {"missing-lora": ["--lora", str(tmp_path / "missing")], "wcon-without-lora": ["--wcon", "2"],
+            "missing-model": ["--model", str(tmp_path / "no_model")], "steps-0": ["--steps", "0"],
+            "size-not-multiple": ["--height", "48"], "n-0": ["--n", "0"]}.get(case, [])
+    want = {"missing-lora": "--lora", "wcon-without-lora": "--wcon", "missing-model": "--model", "steps-0": "--steps",
+            "size-not-multiple": "--height", "n-0": "--n"}.get(case)
+    if case == "lora-for-another-base":
+        layers = dict(loras["dog"][1]["unet"])
+        name = sorted(layers)[0]
+        down, up, alpha = layers[name]
+        layers[name] = (torch.zeros(down.shape[0], down.shape[1] + 8), up, alpha)
+        save_lora_peft(tmp_path / "other", {"unet": layers})
+        args, want = ["--lora", str(tmp_path / "other")], str(tmp_path / "other")
+    with pytest.raises(SystemExit) as e:
+        _cli(tiny_sdxl, out, "--prompt", "a dog", *args)
+    msg = e.value.code
+    print(case, "->", msg)
+    assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg  # a str exit code: status 1
+    assert want in msg
+    assert not (tmp_path / "new").exists()

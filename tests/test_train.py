@@ -1,15 +1,19 @@
 """train.py end to end on the tiny random SDXL (CPU; 64 px images = 8x8 latents): every output file and the
 tools that read them (diffusers' load_lora_weights / load_textual_inversion as oracles), DCO's first step (exactly
-log 2), phi = the pretrained model bit for bit, textual inversion touching only the new rows, a bit-exact --resume,
-the official config format, DreamBooth (+ prior) and the one-line user errors."""
+log 2), phi = the pretrained model bit for bit, textual inversion touching only the new rows, a bit-exact --resume
+(also after a SIGKILL), one copy of the UNet during DCO, the official config format, DreamBooth (+ prior) and the
+one-line user errors."""
 import contextlib
 import copy
+import gc
 import io
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +24,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import train
-from lora import apply_lora, load_lora_file, lora_scale
+from lora import apply_lora, load_lora_file, lora_parameters, lora_scale
 from sdxl import load_sdxl
 from text_encoder import resize_token_embeddings
+from unet_loader import UNet
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "sdxl"
@@ -143,6 +148,102 @@ def test_resume_continues_bit_exactly(dco_run, tiny_sdxl, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(straight)]
 
+
+def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tiny_sdxl, tmp_path):
+    """`python train.py` killed with SIGKILL (no cleanup of any kind) after its first checkpoint, then --resume'd,
+    ends with the same bits as an uninterrupted 20-step run. Every image has a caption and there is no --token, so
+    this is also the run without textual inversion (a LoRA alone, e.g. for a style)."""
+    images = make_images(tmp_path / "photos")
+    for i in range(3):
+        (images / f"{i}.txt").write_text(f"a photo of a dog, picture {i}")
+
+    def args(out):
+        return argv(images, tiny_sdxl[0], out, "--steps", "20", "--checkpoint-every", "2")
+
+    killed = tmp_path / "killed"
+    with open(tmp_path / "stderr.txt", "w") as err:  # a file, not a pipe: a full pipe would stall the run
+        p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(killed)], stdout=subprocess.DEVNULL,
+                             stderr=err, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 300
+            while not (killed / "checkpoint-2").is_dir():  # appears whole (renamed into place) or not at all
+                assert p.poll() is None, (tmp_path / "stderr.txt").read_text()
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            os.kill(p.pid, signal.SIGKILL)
+        finally:
+            p.kill()
+            returncode = p.wait()
+    done = sorted(int(d.name[11:]) for d in killed.glob("checkpoint-*") if d.name[11:].isdigit())
+    print(f"killed with {len(read_log(killed))} steps logged, checkpoints {done}, "
+          f"left behind: {sorted(d.name for d in killed.iterdir() if d.name.endswith('.tmp'))}")
+    assert returncode == -signal.SIGKILL  # it was killed, it did not finish ...
+    assert not (killed / "pytorch_lora_weights.safetensors").exists() and done[-1] < 20  # ... mid-run
+
+    _, err = run(*args(killed), "--resume")
+    straight = tmp_path / "straight"
+    run(*args(straight))
+    for name in ("pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "checkpoint-20/optimizer.safetensors"):
+        a, b = load_file(straight / name), load_file(killed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    log = read_log(killed)
+    assert [r["step"] for r in log] == list(range(20))
+    assert [r["loss"] for r in log] == [r["loss"] for r in read_log(straight)]
+
+    # the 20-step run itself: finite losses, every file, no token, and a LoRA that changes the model
+    assert log[0]["loss"] == LOG2 and all(math.isfinite(r["loss"]) for r in log)
+    names = {str(f.relative_to(straight)) for f in straight.rglob("*") if f.is_file()}
+    assert {"pytorch_lora_weights.safetensors", "lora_kohya.safetensors", "train_config.json", "log.jsonl",
+            "checkpoint-20/trainer_state.json"} <= names and not [n for n in names if n.endswith(".tmp")]
+    assert "learned_embeds.safetensors" not in names and "warning" not in err
+    assert json.loads((straight / "train_config.json").read_text())["tokens"] == []
+    unet = load_sdxl(str(tiny_sdxl[0])).unet
+    x = unet_inputs(2)
+    with torch.no_grad():
+        before = unet(*x)
+        apply_lora(unet, load_lora_file(str(straight / "pytorch_lora_weights.safetensors"))[0]["unet"])
+        assert (unet(*x) - before).abs().max() > 1e-3
+
+
+def test_dco_keeps_one_copy_of_the_unet(tiny_sdxl, tmp_path, monkeypatch):
+    """phi is the same UNet with its LoRA off. Checked while training (inside the DCO loss of step 0): one UNet object
+    was made, its parameters are the base weights plus the LoRA, each in its own storage, and no other live tensor
+    holds a copy of any base weight (a deepcopy of the UNet or a saved state dict would)."""
+    gc.collect()
+    old = [o for o in gc.get_objects() if isinstance(o, (torch.Tensor, UNet))]  # kept alive: no address reused
+    old_ids = {id(o) for o in old}
+    seen = {}
+
+    def spy(*args, **kwargs):
+        if not seen:
+            gc.collect()
+            live = gc.get_objects()
+            seen["unets"] = [o for o in live if isinstance(o, UNet) and id(o) not in old_ids]
+            seen["tensors"] = [o for o in live if isinstance(o, torch.Tensor) and id(o) not in old_ids]
+        return dco_loss(*args, **kwargs)
+
+    dco_loss = train.dco_loss
+    monkeypatch.setattr(train, "dco_loss", spy)
+    result, _ = run(*argv(make_images(tmp_path / "dog"), tiny_sdxl[0], tmp_path / "out"), "--steps", "1",
+                    "--checkpoint-every", "0")
+    assert seen, "the DCO loss was never computed"
+    (unet,) = seen["unets"]  # exactly one UNet object exists during training ...
+    assert unet is result["sd"].unet
+    base = dict(load_sdxl(str(tiny_sdxl[0])).unet.named_parameters())
+    lora = lora_parameters(unet)
+    params = dict(unet.named_parameters())
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params.values()}
+    n_base, n_lora = sum(p.numel() for p in base.values()), sum(p.numel() for p in lora)
+    print(f"one UNet: {len(params)} parameters in {len(storages)} storages, {sum(storages.values()):,} bytes = "
+          f"4 x ({n_base:,} base + {n_lora:,} LoRA)")
+    assert len(storages) == len(params) and sum(storages.values()) == 4 * (n_base + n_lora)  # ... with one copy
+    mine = set(storages)
+    by_shape = {}
+    for p in base.values():
+        by_shape.setdefault(tuple(p.shape), []).append(p)
+    copies = [t for t in seen["tensors"] if t.device.type == "cpu" and t.untyped_storage().data_ptr() not in mine
+              and any(t.dtype == p.dtype and torch.equal(t, p) for p in by_shape.get(tuple(t.shape), []))]
+    assert len(seen["tensors"]) > len(params) and not copies  # no second copy of any base weight anywhere
 
 # ---------------------------------------------------------------------------------------------------------
 # The files, as `python train.py` writes them, and the tools that read them
@@ -309,13 +410,33 @@ def test_official_config_format(tiny_sdxl, tmp_path):
 # User errors: one line, non-zero exit, nothing written
 
 @pytest.mark.parametrize("case", ["missing", "empty", "unreadable", "token-only", "init-word-2-tokens",
-                                  "resolution-8", "resolution-unet", "no-token-for-folder", "resume-nothing"])
+                                  "resolution-8", "resolution-unet", "no-token-for-folder", "resume-nothing",
+                                  "no-images", "caption-without-token", "config-lengths", "config-name",
+                                  "missing-model"])
 def test_bad_input_is_one_line_and_writes_nothing(case, tiny_sdxl, tmp_path):
-    images, extra = tmp_path / "dog", []
+    images, extra, model = tmp_path / "dog", [], tiny_sdxl[0]
     if case != "missing":
         make_images(images, sizes=((64, 64),))
+    config = tmp_path / "config.json"
+    names = {"missing": f"--images {images}", "empty": "--images", "no-images": "--images", "unreadable": "1.png",
+             "token-only": "--token", "init-word-2-tokens": "--init-word", "resolution-8": "--resolution",
+             "resolution-unet": "--resolution", "no-token-for-folder": "--token", "resume-nothing": "--resume",
+             "caption-without-token": str(images / "0.txt"), "config-lengths": str(config),
+             "config-name": "--config-name", "missing-model": "--model"}  # what the message must name
     if case == "empty":
         (images / "0.png").unlink()
+    elif case == "no-images":  # only a caption and a stray file: nothing to train on
+        (images / "0.png").rename(images / "0.gif.txt")
+        (images / "notes.md").write_text("dog photos")
+    elif case == "caption-without-token":  # an explicit --token that the caption never says
+        (images / "0.txt").write_text("a photo of a dog")
+        extra = ["--token", "<sks>", "--init-word", "dog"]
+    elif case in ("config-lengths", "config-name"):
+        config.write_text(json.dumps({"toy": {"images": [str(images / "0.png")] * 2, "prompts": ["a <toy>"],
+                                              "inserting_tokens": ["<toy>"], "initializer_tokens": ["toy"]}}))
+        extra = ["--config", str(config), "--config-name", "toy" if case == "config-lengths" else "tyo"]
+    elif case == "missing-model":
+        model = tmp_path / "no_such_model"
     elif case == "unreadable":
         (images / "1.png").write_bytes(b"not a png")
     elif case == "token-only":
@@ -331,10 +452,11 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_sdxl, tmp_path):
     elif case == "resume-nothing":
         extra = ["--resume"]
     with pytest.raises(SystemExit) as e:
-        train.main(argv(images, tiny_sdxl[0], tmp_path / "out", *extra))
+        train.main(argv(images, model, tmp_path / "out", *extra))
     msg = str(e.value.code)
     print(case, "->", msg)
     assert msg.startswith("error: ") and "\n" not in msg
+    assert names[case] in msg
     assert not (tmp_path / "out").exists()
 
 
