@@ -67,12 +67,19 @@ class LoRALinear(nn.Linear):
         # (diffusers #4751 was a scale-0 LoRA that still changed outputs).
         if self.merged is not None or (not torch.is_tensor(scale) and scale == 0):
             return out
-        h = self.lora_up(self.lora_down(self.lora_dropout(x.to(self.lora_down.weight.dtype))))
+        # Under autocast the matmuls cast for themselves. Casting x here too (fp32 LoRA on a bf16 base) would make a
+        # full-size copy of x per layer and keep it for the backward: three copies for q, k and v of one input.
+        if x.dtype != self.lora_down.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_down.weight.dtype)
+        h = self.lora_down(self.lora_dropout(x))
         if torch.is_tensor(scale):
             if scale.shape != (x.shape[0],):
                 raise ValueError(f"LoRA scale tensor has shape {tuple(scale.shape)}, expected ({x.shape[0]},)")
             scale = scale.to(h).view(-1, *[1] * (h.dim() - 1))  # rows with 0 add exact zeros
-        return out + (h * (scale * self.alpha / self.rank)).to(out.dtype)
+            return out + (self.lora_up(h) * (scale * self.alpha / self.rank)).to(out.dtype)
+        # Two thin matmuls, never a materialised Delta W; the scale multiplies the small [out, r] up weight rather
+        # than the [tokens, out] result, which saves one full-size elementwise pass per layer.
+        return out + F.linear(h, self.lora_up.weight * (scale * self.alpha / self.rank)).to(out.dtype)
 
     def delta_weight(self, multiplier: float = 1.0):
         up, down = self.lora_up.weight.float(), self.lora_down.weight.float()
