@@ -16,6 +16,7 @@ Files: the diffusers/PEFT layout (`pytorch_lora_weights.safetensors`, loadable b
 `StableDiffusionXLPipeline.load_lora_weights`) and the kohya layout (`lora_unet_<SGM name>`) that
 ComfyUI/A1111 load. Inside this module a LoRA is a plain dict {module path: (down, up, alpha)}.
 """
+import itertools
 import json
 import os
 import re
@@ -57,7 +58,7 @@ class LoRALinear(nn.Linear):
         self.lora_up = nn.Linear(rank, self.out_features, **kw)
         nn.init.normal_(self.lora_down.weight, std=1.0 / rank)
         nn.init.zeros_(self.lora_up.weight)
-        self.scale = 1.0  # float, or a (batch,) tensor: per-sample LoRA on/off/strength
+        self.scale = 1.0  # float, or per-sample LoRA on/off/strength: a list of floats or a (batch,) tensor
         self.merged = None  # the multiplier baked into `weight` by merge(), else None
 
     def forward(self, x):
@@ -71,15 +72,30 @@ class LoRALinear(nn.Linear):
         # full-size copy of x per layer and keep it for the backward: three copies for q, k and v of one input.
         if x.dtype != self.lora_down.weight.dtype and not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_down.weight.dtype)
-        h = self.lora_down(self.lora_dropout(x))
+        if isinstance(scale, (list, tuple)):
+            # Per-sample scales read on the host: only the runs of rows that use the LoRA (theta's third of a batched
+            # consistency-guidance call) run the branch, on slices of x, and choosing them costs no device sync.
+            if len(scale) != x.shape[0]:
+                raise ValueError(f"LoRA scale list has {len(scale)} entries for a batch of {x.shape[0]}")
+            start = 0
+            for s, run in itertools.groupby(scale):
+                stop = start + len(list(run))
+                if s:
+                    out[start:stop] += self._branch(x[start:stop], s).to(out.dtype)
+                start = stop
+            return out
         if torch.is_tensor(scale):
             if scale.shape != (x.shape[0],):
                 raise ValueError(f"LoRA scale tensor has shape {tuple(scale.shape)}, expected ({x.shape[0]},)")
+            h = self.lora_up(self.lora_down(self.lora_dropout(x)))
             scale = scale.to(h).view(-1, *[1] * (h.dim() - 1))  # rows with 0 add exact zeros
-            return out + (self.lora_up(h) * (scale * self.alpha / self.rank)).to(out.dtype)
-        # Two thin matmuls, never a materialised Delta W; the scale multiplies the small [out, r] up weight rather
-        # than the [tokens, out] result, which saves one full-size elementwise pass per layer.
-        return out + F.linear(h, self.lora_up.weight * (scale * self.alpha / self.rank)).to(out.dtype)
+            return out + (h * (scale * self.alpha / self.rank)).to(out.dtype)
+        return out + self._branch(x, scale).to(out.dtype)
+
+    def _branch(self, x, scale):
+        """(scale * alpha / r) * B A x: two thin matmuls, never a materialised Delta W. The scale multiplies the
+        small [out, r] up weight rather than the [tokens, out] result: one full-size elementwise pass less."""
+        return F.linear(self.lora_down(self.lora_dropout(x)), self.lora_up.weight * (scale * self.alpha / self.rank))
 
     def delta_weight(self, multiplier: float = 1.0):
         up, down = self.lora_up.weight.float(), self.lora_down.weight.float()

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 
 from hub import CONFIG_FILES, download
 from lora import KOHYA_FILE, PEFT_FILE, _save_atomic, concat_loras, load_lora_file, save_lora_kohya, save_lora_peft
-from sdxl import SDXL_BASE, load_sdxl, read_json
+from sdxl import SDXL_BASE, load_sdxl, model_path, read_json
 from text_encoder import CLIPTextModel, normalize
 from unet_loader import UNet
 
@@ -99,6 +99,7 @@ def base_from_metadata(paths):
 def base_skeleton(model):
     """The base model's layers built from its config files on the meta device: names and shapes, no weights read.
     They check that the LoRAs fit the base and give the UNet config the kohya (SGM) layer names need."""
+    model = model_path(model)
     if os.path.isfile(model):
         if not model.endswith(".safetensors"):
             raise ValueError(f"--model {model}: not a .safetensors file or a diffusers folder")
@@ -396,7 +397,7 @@ def main(argv=None):
     p.add_argument("loras", nargs="+", help="trainer output folders (or LoRA .safetensors files)")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per LoRA (default: all 1)")
     p.add_argument("--output", help="folder for the merged LoRA (diffusers + kohya files, learned tokens)")
-    p.add_argument("--model", help="the base model (hub id, diffusers folder, single file); default: the LoRAs' "
+    p.add_argument("--model", help="the base model (hub id, diffusers folder, single file, tiny); default: the LoRAs' "
                                    "base_model metadata, else SDXL base. Only configs are read, unless --into-base")
     p.add_argument("--into-base", metavar="FILE", help="bake the merged LoRA into a full UNet .safetensors (diffusers "
                                                        "names, like unet/diffusion_pytorch_model.safetensors)")

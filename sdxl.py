@@ -10,7 +10,8 @@ code without a dictionary. `model` may be
   * a local folder in the same (diffusers) layout: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, ...;
   * a single-file checkpoint from ComfyUI/A1111 (`sd_xl_base_1.0.safetensors`, Stability's original "SGM"
     names): converted by `single_file.py`; its configs and tokenizers come from `config_from` (the base hub
-    repo by default: a few small files).
+    repo by default: a few small files);
+  * "tiny": the tiny SDXL of tinyworld/ (same architecture, 32x32 images), which runs everything on a CPU.
 Only `.safetensors` is ever read -- never a pickle, which could run arbitrary code.
 
 Run `python sdxl.py --model ID_OR_PATH` to download (or find) a model and print what was loaded.
@@ -32,6 +33,7 @@ from unet_loader import UNet
 from vae import AutoencoderKL, convert_legacy_vae_keys
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyworld", "model")  # --model tiny: CPU, 32x32
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
@@ -50,6 +52,23 @@ class SDXL:
     def encode_prompt(self, prompts):
         """SDXL text conditioning: ([B,77,2048] penultimate states of both encoders, [B,1280] pooled)."""
         return encode_prompt(prompts, self.tokenizer, self.tokenizer_2, self.text_encoder, self.text_encoder_2)
+
+
+def model_path(model):
+    """`tiny` is the tiny SDXL shipped in tinyworld/model (same architecture, trained on the tiny world)."""
+    return TINY if str(model) == "tiny" else str(model)
+
+
+def native_resolution(model):
+    """The image size a model was trained at: UNet sample_size x the VAE's downsampling, read from a local
+    folder's configs (1024 for SDXL, 32 for tiny); 1024 for a hub id or single file, which are SDXL."""
+    folder = model_path(model)
+    try:
+        unet = read_json(os.path.join(folder, "unet", "config.json"), "")
+        vae = read_json(os.path.join(folder, "vae", "config.json"), "")
+    except FileNotFoundError:
+        return 1024
+    return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
 def resolve_model(model, variant="fp16"):
@@ -103,13 +122,13 @@ def load_component(folder, comp, variant="fp16"):
 
 def load_sdxl(model=SDXL_BASE, device="cpu", dtype=torch.float32, vae_dtype=None, variant="fp16",
               config_from=SDXL_BASE):
-    """Load SDXL from a hub id, a local diffusers folder, or a single-file `.safetensors` checkpoint.
+    """Load SDXL from a hub id, a local diffusers folder, a single-file `.safetensors` checkpoint, or "tiny".
 
     dtype is used for the UNet and text encoders. The VAE stays in fp32 unless its config says it is safe in
     half precision (`force_upcast: false`, e.g. madebyollin/sdxl-vae-fp16-fix) or `vae_dtype` is given: the
     original SDXL VAE overflows in fp16.
     """
-    model = str(model)
+    model = model_path(model)
     if model.endswith(PICKLE_SUFFIXES):
         raise ValueError(f"--model {model}: pickle checkpoints can run arbitrary code when loaded; dco reads only "
                          f".safetensors (most models are published as .safetensors too)")
@@ -180,7 +199,8 @@ def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Download (or find) an SDXL model and report what was loaded.")
-    p.add_argument("--model", default=SDXL_BASE, help="hub repo id, local diffusers folder, or single-file .safetensors")
+    p.add_argument("--model", default=SDXL_BASE, help="hub repo id, local diffusers folder, single-file "
+                                                      ".safetensors, or tiny")
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     args = p.parse_args()
     try:
