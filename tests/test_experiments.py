@@ -1,0 +1,110 @@
+"""tinyworld/experiments.py end to end on a random tiny SDXL (1 seed, a subject and a style, a few steps): every
+CSV row, the merge and the interference analysis, the tables and plots; and tinyworld/plot.py's drawing."""
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tinyworld import experiments, model, plot
+
+
+@pytest.fixture(scope="module")
+def random_tiny(tmp_path_factory):
+    te, te2 = model.build_text_encoders(0)
+    folder = str(tmp_path_factory.mktemp("tiny") / "model")
+    return model.save_model(folder, model.new_unet(0), model.new_vae(0), te, te2)
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_experiments_smoke(random_tiny, tmp_path):
+    out, work = tmp_path / "docs", tmp_path / "work"
+    args = experiments.parse_args(["--model", random_tiny, "--out", str(out), "--work", str(work), "--seeds", "3",
+                                   "--concepts", "checker,pastel", "--betas", "1000", "--steps", "2", "--n-eval", "2",
+                                   "--sample-steps", "2", "--wcons", "0,2", "--num-class-images", "1"])
+    experiments.run(args)
+    runs = rows(out / "tinyworld_runs.csv")
+    methods = ["db", "db-prior", "dco-1000"]
+    # per concept: the base model once, then every method at every w_con
+    assert len(runs) == 2 * (1 + len(methods) * 2)
+    assert {(r["concept"], r["method"]) for r in runs} == {(c, m) for c in ("checker", "pastel")
+                                                           for m in ["base"] + methods}
+    for r in runs:
+        assert r["seed"] == "3" and r["n"] == "2"
+        assert 0 <= float(r["fidelity"]) <= 1 and 0 <= float(r["prompt_fidelity"]) <= 1
+    assert {r["kind"] for r in runs if r["concept"] == "pastel"} == {"style"}
+    merges = rows(out / "tinyworld_merge.csv")
+    assert {(r["method"], r["wcon"]) for r in merges} == {(m, w) for m in ("db", "dco-1000") for w in ("0.0", "2.0")}
+    inter = rows(out / "tinyworld_interference.csv")
+    assert [r["method"] for r in inter] == ["db", "dco-1000"]
+    assert all(0 <= float(r["col_cos"]) <= 1 and float(r["norm_subject"]) > 0 for r in inter)
+    for f in ("tinyworld_pareto.png", "tinyworld_merge.png", "tinyworld_samples.png", "tinyworld_results.md"):
+        assert (out / f).is_file(), f
+    text = (out / "tinyworld_results.md").read_text()
+    assert "| dco-1000 | plain |" in text and "Seeds [3]" in text
+    # --report remakes the same tables from the CSVs alone
+    (out / "tinyworld_results.md").unlink()
+    experiments.report(experiments.parse_args(["--out", str(out), "--work", str(work), "--report"]))
+    assert "| db merge | 2 |" in (out / "tinyworld_results.md").read_text()
+
+
+def test_seed_stats_average_concepts_first_then_seeds():
+    rs = [{"seed": "0", "v": 0.2}, {"seed": "0", "v": 0.4}, {"seed": "1", "v": 0.5}]
+    (mean, std, n), = experiments.seed_stats(rs, lambda r: "k", "v").values()
+    assert n == 2 and mean == pytest.approx(0.4) and std == pytest.approx(np.std([0.3, 0.5], ddof=1))
+
+
+def test_plot_puts_points_where_they_belong():
+    img = plot.lines([plot.Series("a", [(0.0, 0.0), (1.0, 1.0)], color=(255, 0, 0))], size=(300, 200),
+                     xrange=(0, 1), yrange=(0, 1))
+    a = np.asarray(img)
+    assert img.size == (300, 200)
+    red = (a[..., 0] > 200) & (a[..., 1] < 60) & (a[..., 2] < 60)
+    ys, xs = np.nonzero(red[:, 100:])  # right of the legend
+    # the line runs from bottom left to top right: higher x, smaller row
+    assert np.corrcoef(xs, ys)[0, 1] < -0.9
+    assert plot.ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+
+
+def test_cli_runs_on_the_tiny_model_at_its_own_resolution(random_tiny, tmp_path, monkeypatch):
+    """`--model tiny` (here: a folder of the same kind) makes train.py, sample.py and merge.py a real CPU run."""
+    import merge
+    import sample
+    import sdxl
+    import train
+    from PIL import Image
+
+    from tinyworld import world
+
+    assert sdxl.model_path("tiny") == sdxl.TINY == model.MODEL_DIR
+    assert sdxl.native_resolution(random_tiny) == world.SIZE
+    assert sdxl.native_resolution("stabilityai/stable-diffusion-xl-base-1.0") == 1024
+    outs = []
+    for name in ("checker", "pastel"):
+        c = world.concept(name)
+        out = str(tmp_path / name)
+        argv = ["--images", os.path.join(world.CONCEPTS_DIR, name), "--model", random_tiny, "--output", out,
+                "--steps", "2", "--rank", "2", "--token", c.token, "--init-word", c.init_word,
+                "--checkpoint-every", "0", "--sample-steps", "0"]
+        assert train.parse_args(argv).resolution == world.SIZE  # not SDXL's 1024
+        train.main(argv)
+        assert json_of(os.path.join(out, "train_config.json"))["resolution"] == world.SIZE
+        outs.append(out)
+    merge.main([*outs, "--output", str(tmp_path / "merged")])  # base model from the LoRAs' metadata
+    png = str(tmp_path / "x.png")
+    sample.main(["--model", random_tiny, "--lora", str(tmp_path / "merged"), "--prompt",
+                 "a big <checker> circle at the center on a red background, <pastel> style", "--wcon", "2",
+                 "--n", "1", "--steps", "2", "--out", png])
+    assert Image.open(png).size == (world.SIZE, world.SIZE)
+
+
+def json_of(path):
+    import json
+
+    with open(path) as f:
+        return json.load(f)

@@ -1,0 +1,493 @@
+"""The paper's experiments in the tiny world, on a CPU:  python -m tinyworld.experiments
+
+Lee, Kwak, Sohn, Shin, "Direct Consistency Optimization for Robust Customization of Text-to-Image Diffusion
+Models" (NeurIPS 2024, arXiv 2402.12004), Sec. 5, at toy scale, with the repo's own train.py, sample.py and
+merge.py on the tiny SDXL (tinyworld/model) and the exact pixel metrics of tinyworld/metrics.py:
+
+1. Customisation (paper Fig. 4/5). For every concept (subjects <checker>, <striped>; styles <pastel>, <outline>)
+   and every seed, train a LoRA (+ the concept's token) on its 5 reference images with comprehensive captions
+   using DreamBooth (`--loss db`), DreamBooth + prior preservation (`db-prior`) and DCO (`dco`, a beta sweep).
+   Sample each on new prompts (random contexts: other backgrounds, positions, sizes; for styles other colours and
+   shapes) over a consistency-guidance sweep (w_con; 0 = plain CFG sampling with the LoRA) and score every image:
+   concept fidelity (subject_fidelity / style_fidelity ~ the paper's DINO score) against prompt fidelity (the share
+   of the prompt's attributes the image shows ~ its SigLIP score). The Pareto plot puts one against the other.
+2. Merging (paper Fig. 7). Add a subject LoRA and a style LoRA, trained separately (merge.merge, exact sum), for DB
+   and for DCO, and sample "a <subject> ... , <style> style": subject, style and prompt fidelity of the composition.
+3. Interference (merge.interference, [3/5]): mean |cos| between the two LoRAs' weight updates, layer by layer,
+   and the size of each update ||dW||_F, for the DB pair and the DCO pair.
+
+Every run appends its rows to the CSVs as soon as it finishes (a killed run leaves usable partial results); at the
+end the plots and the tables (docs/tinyworld_results.md) are made from the CSVs. `--report` remakes them from
+existing CSVs without training. One run (train + sample + score) takes ~20-60 s on one CPU core: the defaults
+(4 concepts x 3 seeds x 4 methods) ~35 min, `--concepts checker,pastel` (what docs/ holds) ~16 min.
+"""
+import argparse
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+import merge as merging
+import train as trainer
+from sample import load_lora
+from sdxl import load_sdxl, model_path
+
+from . import metrics, plot, world
+from .evaluate import sample_images, upscale
+from .model import MODEL_DIR
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+EVAL_SEED = 777          # the evaluation prompts: a fixed set, the same for every method and seed
+SAMPLE_ROWS = 8          # images per row of the sample figure
+PAIRS = (("checker", "pastel"), ("striped", "outline"))  # subject + style merges
+RUN_FIELDS = ["concept", "kind", "method", "loss", "beta", "seed", "wcon", "fidelity", "prompt_fidelity",
+              "prompt_all", "bg", "color", "kind_attr", "position", "size", "train_s", "n"]
+MERGE_FIELDS = ["subject", "style", "method", "seed", "wcon", "subject_fidelity", "style_fidelity",
+                "prompt_fidelity", "prompt_all", "n"]
+INTERFERENCE_FIELDS = ["subject", "style", "method", "seed", "col_cos", "row_cos", "up_cos", "down_cos",
+                       "col_random", "row_random", "norm_subject", "norm_style", "layers"]
+
+
+def kind_of(name):
+    return "subject" if name in world.SUBJECTS else "style"
+
+
+def methods(betas, losses=("db", "db-prior", "dco")):
+    """[(method name, train.py --loss, beta)]: the two baselines, then DCO at every beta."""
+    return [(m, m, 0.0) for m in ("db", "db-prior") if m in losses] + \
+        [(f"dco-{b:g}", "dco", b) for b in betas if "dco" in losses]
+
+
+def eval_scenes(name, n, subject=None, style=None):
+    """The evaluation prompts' scenes (no jitter: a prompt states none). One concept, or a subject in a style."""
+    rngs = [np.random.default_rng([EVAL_SEED, i]) for i in range(n)]
+    if subject:
+        return [world.random_scene(r, style=style, subject=subject, jitter=False) for r in rngs]
+    return [world.concept_scene(name, r, jitter=False) for r in rngs]
+
+
+def class_prompt(name):
+    """db-prior's class prompt: one ordinary caption of the world with the concept's init word (DreamBooth's
+    "a dog"): "a big yellow circle at the center on a ... background, flat style" for <checker>."""
+    s = world.concept_scene(name, np.random.default_rng([EVAL_SEED, 10_000]), jitter=False)
+    return world.base_caption(replace(s, size="big", position="center"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One run: train.py, then sample.py + metrics
+
+
+def train_lora(name, loss, beta, seed, out, args):
+    """train.py on the concept's folder (its captions name the token) -> seconds taken."""
+    c = world.concept(name)
+    argv = ["--images", os.path.join(world.CONCEPTS_DIR, name), "--model", args.model, "--output", out,
+            "--loss", loss, "--beta", str(beta or 1000), "--steps", str(args.steps), "--rank", str(args.rank),
+            "--lr", str(args.lr), "--ti-lr", str(args.ti_lr), "--resolution", str(world.SIZE),
+            "--token", c.token, "--init-word", c.init_word, "--seed", str(seed), "--checkpoint-every", "0",
+            "--sample-steps", "0", "--device", "cpu"]
+    if loss == "db-prior":  # class images are made by the base model once per concept (cached in --class-dir)
+        argv += ["--class-prompt", class_prompt(name), "--num-class-images", str(args.num_class_images),
+                 "--class-dir", os.path.join(args.work, "class_images", args.digest, name), "--sample-steps",
+                 str(args.sample_steps)]
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.time()
+    with contextlib.redirect_stderr(io.StringIO()):  # train.py's progress bar, once per run, is noise here
+        trainer.train(trainer.parse_args(argv))
+    shutil.rmtree(os.path.join(out, "samples"), ignore_errors=True)
+    return time.time() - t0
+
+
+def score(image, scene):
+    """Concept fidelity/ies and prompt fidelity of one sample of `scene`'s prompt."""
+    p = metrics.prompt_fidelity(image, scene)
+    out = {"prompt_fidelity": p["overall"], "prompt_all": p["all"],
+           **{("kind_attr" if a == "kind" else a): p[a] for a in metrics.PROMPT_ATTRIBUTES if a in p}}
+    if scene.subject:
+        out["subject_fidelity"] = metrics.subject_fidelity(image, scene.subject, scene.style)["overall"]
+    if scene.style in world.STYLES:
+        out["style_fidelity"] = metrics.style_fidelity(image, scene.style)
+    return out
+
+
+def sample_scores(args, loras, scenes, wcons, seed, keep=None, prompts=None):
+    """Load the tiny model + LoRA folder(s) afresh, as sample.py does, sample every scene's prompt (default: its
+    caption, with the tokens) at every w_con (0: plain sampling with the LoRA, no consistency guidance) and score
+    the images against the scenes -> {w_con: mean scores}. `keep`: path stem for the first SAMPLE_ROWS images per
+    w_con (the sample figure)."""
+    sd = load_sdxl(args.model)
+    for path in loras:
+        load_lora(sd, path)
+    prompts = prompts or [world.caption(s) for s in scenes]
+    base = [world.base_caption(s) for s in scenes]
+    out = {}
+    for wcon in wcons:
+        images = sample_images(sd, prompts, args.sample_steps, args.cfg, seed, wcon=wcon,
+                               base_prompts=base if wcon else None)
+        out[wcon] = metrics.mean_scores([score(img, s) for img, s in zip(images, scenes)])
+        if keep:
+            np.save(f"{keep}_w{wcon:g}.npy", images[:SAMPLE_ROWS])
+    return out
+
+
+def append(path, fields, rows):
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def lora_norm(layers):
+    """||dW||_F over every layer of a LoRA, dW = alpha / r * up @ down: how far it moves the base model."""
+    sq = sum(((a / d.shape[0]) * (u.float() @ d.float())).pow(2).sum().item()
+             for comp in layers.values() for d, u, a in comp.values())
+    return sq ** 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The experiment
+
+
+def model_digest(model):
+    """First 12 hex digits of the sha256 of the UNet weights: which tiny model the numbers belong to."""
+    path = os.path.join(model_path(model), "unet", "diffusion_pytorch_model.safetensors")
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+def run(args):
+    args.digest = model_digest(args.model)
+    os.makedirs(args.work, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    csvs = csv_paths(args.out)
+    for path in csvs.values():  # a fresh run (unless --append); rows are appended as runs finish
+        if os.path.exists(path) and not args.append:
+            os.remove(path)
+    done_base = {(r["concept"], r["seed"]) for r in read_csv(csvs["runs"]) if r["method"] == "base"}
+    t_start = time.time()
+
+    def log(text):
+        print(f"[{(time.time() - t_start) / 60:5.1f} min] {text}", flush=True)
+
+    for seed in args.seeds:
+        first = seed == args.seeds[0]
+        for name in args.concepts:
+            kind, scenes = kind_of(name), eval_scenes(name, args.n_eval)
+            fid = f"{kind}_fidelity"
+            # The base model on the base prompts (token -> init word), scored as if it were meant to show the
+            # concept: the floor of concept fidelity, and the prompt fidelity of the unchanged model.
+            if (name, str(seed)) not in done_base:
+                keep = os.path.join(args.work, f"samples_{name}_base") if first else None
+                r = sample_scores(args, [], scenes, [0.0], seed, keep, [world.base_caption(s) for s in scenes])[0.0]
+                append(csvs["runs"], RUN_FIELDS, [{"concept": name, "kind": kind, "method": "base", "loss": "",
+                                                   "beta": "", "seed": seed, "wcon": 0, "fidelity": r[fid], **r,
+                                                   "train_s": 0, "n": len(scenes)}])
+            for method, loss, beta in methods(args.betas, args.methods):
+                out = os.path.join(args.work, f"{name}_{method}_s{seed}")
+                secs = train_lora(name, loss, beta, seed, out, args)
+                keep = os.path.join(args.work, f"samples_{name}_{method}") if first else None
+                res = sample_scores(args, [out], scenes, args.wcons, seed, keep)
+                append(csvs["runs"], RUN_FIELDS, [{"concept": name, "kind": kind, "method": method, "loss": loss,
+                                                   "beta": beta or "", "seed": seed, "wcon": w, "fidelity": r[fid],
+                                                   **r, "train_s": round(secs, 1), "n": len(scenes)}
+                                                  for w, r in res.items()])
+                log(f"seed {seed} {name:8s} {method:9s} train {secs:5.1f} s   fidelity/prompt "
+                    + "  ".join(f"w{w:g} {r[fid]:.2f}/{r['prompt_fidelity']:.2f}" for w, r in res.items()))
+        for subject, style in PAIRS:
+            if subject not in args.concepts or style not in args.concepts or not {"db", "dco"} <= set(args.methods):
+                continue
+            scenes = eval_scenes(None, args.n_eval, subject=subject, style=style)
+            for method in ("db", f"dco-{args.merge_beta:g}"):
+                a, b = (os.path.join(args.work, f"{n}_{method}_s{seed}") for n in (subject, style))
+                merged = os.path.join(args.work, f"merge_{subject}_{style}_{method}_s{seed}")
+                shutil.rmtree(merged, ignore_errors=True)
+                merging.merge([a, b], [1.0, 1.0], merged, model=args.model)
+                keep = os.path.join(args.work, f"samples_merge_{subject}_{style}_{method}") if first else None
+                res = sample_scores(args, [merged], scenes, args.wcons, seed, keep)
+                append(csvs["merge"], MERGE_FIELDS, [{"subject": subject, "style": style, "method": method,
+                                                      "seed": seed, "wcon": w, **r, "n": len(scenes)}
+                                                     for w, r in res.items()])
+                la, lb = (merging.read_source(p).layers for p in (a, b))
+                rows = merging.interference(la, lb)
+                mean = {k: float(np.mean([r[k] for r in rows])) for k in INTERFERENCE_FIELDS[4:10]}
+                append(csvs["interference"], INTERFERENCE_FIELDS,
+                       [{"subject": subject, "style": style, "method": method, "seed": seed, **mean,
+                         "norm_subject": lora_norm(la), "norm_style": lora_norm(lb), "layers": len(rows)}])
+                log(f"seed {seed} merge {subject}+{style} {method}: subject/style/prompt "
+                    + "  ".join(f"w{w:g} {r['subject_fidelity']:.2f}/{r['style_fidelity']:.2f}/"
+                                f"{r['prompt_fidelity']:.2f}" for w, r in res.items())
+                    + f"   |cos| {mean['col_cos']:.3f} (random {mean['col_random']:.3f})")
+    minutes = (time.time() - t_start) / 60
+    made, before = os.path.join(args.out, "tinyworld_run.json"), {"command": "", "minutes": 0}
+    if args.append and os.path.exists(made):
+        before = json.load(open(made))
+    with open(made, "w") as f:  # what --report later says made the CSVs
+        json.dump({"command": " && ".join(c for c in (before["command"], args.command.strip()) if c),
+                   "minutes": round(before["minutes"] + minutes, 1), "model_sha256": args.digest}, f, indent=2)
+    report(args)
+    return minutes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tables and plots, from the CSVs
+
+
+def csv_paths(folder):
+    return {k: os.path.join(folder, f"tinyworld_{k}.csv") for k in ("runs", "merge", "interference")}
+
+
+def read_csv(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def seed_stats(rows, group, value):
+    """{group key: (mean over seeds, std over seeds, n seeds)} of `value`, first averaged within each seed (over the
+    concepts the group holds)."""
+    per_seed = {}
+    for r in rows:
+        per_seed.setdefault(group(r), {}).setdefault(r["seed"], []).append(float(r[value]))
+    out = {}
+    for key, seeds in per_seed.items():
+        v = [np.mean(x) for x in seeds.values()]
+        out[key] = (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
+    return out
+
+
+def pm(stat):
+    return f"{stat[0]:.3f} ± {stat[1]:.3f}"
+
+
+def method_order(names):
+    def key(m):
+        return (0, 0.0) if m == "base" else (1, 0.0) if m == "db" else (2, 0.0) if m == "db-prior" else \
+            (3, float(m.split("-", 1)[1]))
+    return sorted(set(names), key=key)
+
+
+def wcon_label(w):
+    return "plain" if float(w) == 0 else f"{float(w):g}"
+
+
+def pareto_panel(rows, kind, title):
+    rows = [r for r in rows if r["kind"] == kind]
+    group = lambda r: (r["method"], float(r["wcon"]))  # noqa: E731
+    fid, prm = seed_stats(rows, group, "fidelity"), seed_stats(rows, group, "prompt_fidelity")
+    series = []
+    for m in method_order(r["method"] for r in rows):
+        ws = sorted({w for mm, w in fid if mm == m}, key=lambda w: (w == 0, w))  # plain sampling last
+        series.append(plot.Series(m if m != "base" else "base model (init word)",
+                                  [(prm[(m, w)][0], fid[(m, w)][0]) for w in ws],
+                                  [wcon_label(w) if m != "base" else "" for w in ws],
+                                  [(prm[(m, w)][1], fid[(m, w)][1]) for w in ws],
+                                  color=(0, 0, 0) if m == "base" else None, dashed=m.startswith("db")))
+    return plot.lines(series, "prompt fidelity", f"{kind} fidelity", title)
+
+
+def sample_figure(args, out_png):
+    """The first seed's first samples, one row per (concept, method, w_con): the base model, DB, DB + prior and
+    the merged DCO beta, plain and at --show-wcons; then the merges."""
+    stems = []
+    for name in args.concepts:
+        stems += [(f"{name}_base", [0.0])] + [(f"{name}_{m}", [0.0] + args.show_wcons)
+                                              for m in ("db", "db-prior", f"dco-{args.merge_beta:g}")]
+    for subject, style in PAIRS:
+        stems += [(f"merge_{subject}_{style}_{m}", [0.0] + args.show_wcons) for m in ("db", f"dco-{args.merge_beta:g}")]
+    rows, labels = [], []
+    for stem, wcons in stems:
+        for w in wcons:
+            path = os.path.join(args.work, f"samples_{stem}_w{w:g}.npy")
+            if os.path.exists(path):
+                rows.append([upscale(im, 2) for im in np.load(path)])
+                labels.append(f"{stem.replace('merge_', 'merge ').replace('_', ' ')}, "
+                              f"{'plain' if w == 0 else f'w_con {w:g}'}")
+    if rows:
+        plot.labelled_rows(rows, labels).save(out_png)
+    return bool(rows)
+
+
+def dco_saturation(work, runs):
+    """{dco method: ((mean, std, n) implicit reward, (mean, std, n) of 2 sigmoid(-beta r))} over the last quarter of
+    each DCO run's log.jsonl in `work` (per seed: averaged over concepts)."""
+    rows = []
+    for r in runs:
+        if r["loss"] != "dco" or float(r["wcon"]) != 0:
+            continue
+        path = os.path.join(work, f"{r['concept']}_{r['method']}_s{r['seed']}", "log.jsonl")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            log = [json.loads(line) for line in f]
+        rewards = np.array([x["implicit_reward"] for x in log[-max(1, len(log) // 4):]])
+        weight = 2 / (1 + np.exp(np.clip(float(r["beta"]) * rewards, -50, 50)))
+        rows.append({"method": r["method"], "seed": r["seed"], "r": rewards.mean(), "w": weight.mean()})
+    return {m: (seed_stats([x for x in rows if x["method"] == m], lambda x: 0, "r")[0],
+                seed_stats([x for x in rows if x["method"] == m], lambda x: 0, "w")[0])
+            for m in method_order(x["method"] for x in rows)}
+
+
+def report(args):
+    """Plots and docs/tinyworld_results.md from the CSVs in args.out."""
+    csvs = csv_paths(args.out)
+    made = os.path.join(args.out, "tinyworld_run.json")
+    made = json.load(open(made)) if os.path.exists(made) else {"command": args.command}
+    runs, merges, inter = (read_csv(csvs[k]) for k in ("runs", "merge", "interference"))
+    if not runs:
+        raise FileNotFoundError(f"{csvs['runs']}: no results to report; run `python -m tinyworld.experiments` first")
+    panels = [pareto_panel(runs, k, f"{k}s: {', '.join(sorted({r['concept'] for r in runs if r['kind'] == k}))}")
+              for k in ("subject", "style") if any(r["kind"] == k for r in runs)]
+    plot.side_by_side(panels).save(os.path.join(args.out, "tinyworld_pareto.png"))
+    seeds = sorted({int(r["seed"]) for r in runs})
+    lines = ["# Tiny-world experiments: results", "",
+             f"Made by `{made['command'].strip()}`" + (f" in {made['minutes']} min" if "minutes" in made else "")
+             + (f" on the tiny model whose UNet weights have sha256 {made['model_sha256']}…"
+                if "model_sha256" in made else "") + ". "
+             f"Seeds {seeds}; mean ± standard deviation over seeds (each seed first averaged over the concepts of its "
+             f"kind and the {runs[0]['n']} evaluation prompts). `wcon` plain = ordinary CFG sampling with the LoRA; "
+             "a number = consistency guidance with that w_con. Fidelity = subject_fidelity (subjects) or "
+             "style_fidelity (styles), prompt = prompt_fidelity (tinyworld/metrics.py).", ""]
+    for kind in ("subject", "style"):
+        rows = [r for r in runs if r["kind"] == kind]
+        if not rows:
+            continue
+        group = lambda r: (r["method"], float(r["wcon"]))  # noqa: E731
+        fid, prm = seed_stats(rows, group, "fidelity"), seed_stats(rows, group, "prompt_fidelity")
+        allr = seed_stats(rows, group, "prompt_all")
+        lines += [f"## {kind.capitalize()}s ({', '.join(sorted({r['concept'] for r in rows}))})", "",
+                  f"| method | w_con | {kind} fidelity | prompt fidelity | all prompt attributes right |",
+                  "|---|---|---|---|---|"]
+        for m in method_order(r["method"] for r in rows):
+            for w in sorted({w for mm, w in fid if mm == m}, key=lambda w: (w != 0, w)):
+                lines.append(f"| {m} | {wcon_label(w)} | {pm(fid[(m, w)])} | {pm(prm[(m, w)])} | {pm(allr[(m, w)])} |")
+        lines += ["", "Per concept, plain sampling (w_con 0):", "",
+                  "| method | " + " | ".join(f"{c} fidelity | {c} prompt" for c in sorted({r['concept'] for r in rows}))
+                  + " |", "|---|" + "---|---|" * len({r['concept'] for r in rows})]
+        plain = [r for r in rows if float(r["wcon"]) == 0]
+        cf = seed_stats(plain, lambda r: (r["method"], r["concept"]), "fidelity")
+        cp = seed_stats(plain, lambda r: (r["method"], r["concept"]), "prompt_fidelity")
+        for m in method_order(r["method"] for r in rows):
+            lines.append(f"| {m} | " + " | ".join(f"{pm(cf[(m, c)])} | {pm(cp[(m, c)])}"
+                                                   for c in sorted({r['concept'] for r in rows})) + " |")
+        times = seed_stats([r for r in rows if r["method"] != "base"], lambda r: r["method"], "train_s")
+        lines += ["", "Training time per LoRA (s): " + ", ".join(f"{m} {times[m][0]:.0f}" for m in
+                                                               method_order(times)), ""]
+    if merges:
+        group = lambda r: (r["method"], float(r["wcon"]))  # noqa: E731
+        st = {k: seed_stats(merges, group, k) for k in ("subject_fidelity", "style_fidelity", "prompt_fidelity")}
+        pairs = sorted({f"{r['subject']}+{r['style']}" for r in merges})
+        lines += [f"## Merging a subject LoRA and a style LoRA ({', '.join(pairs)})", "",
+                  "| method | w_con | subject fidelity | style fidelity | prompt fidelity |", "|---|---|---|---|---|"]
+        for m in method_order(r["method"] for r in merges):
+            for w in sorted({w for mm, w in st["subject_fidelity"] if mm == m}, key=lambda w: (w != 0, w)):
+                lines.append(f"| {m} merge | {wcon_label(w)} | " + " | ".join(pm(st[k][(m, w)]) for k in st) + " |")
+        series = []
+        for m in method_order(r["method"] for r in merges):
+            ws = sorted({w for mm, w in st["subject_fidelity"] if mm == m}, key=lambda w: (w == 0, w))
+            series.append((m, ws))
+        a = plot.lines([plot.Series(f"{m} merge", [(st["prompt_fidelity"][(m, w)][0], st["subject_fidelity"][(m, w)][0])
+                                                   for w in ws], [wcon_label(w) for w in ws], dashed=m == "db")
+                        for m, ws in series], "prompt fidelity", "subject fidelity", "merged: subject vs prompt")
+        b = plot.lines([plot.Series(f"{m} merge", [(st["style_fidelity"][(m, w)][0], st["subject_fidelity"][(m, w)][0])
+                                                   for w in ws], [wcon_label(w) for w in ws], dashed=m == "db")
+                        for m, ws in series], "style fidelity", "subject fidelity", "merged: subject vs style")
+        plot.side_by_side([a, b]).save(os.path.join(args.out, "tinyworld_merge.png"))
+        lines.append("")
+    if inter:
+        lines += ["## Interference of the two LoRAs of a merge (merge.interference, mean over layers)", "",
+                  "| method | mean abs cos, dW columns | random directions | mean abs cos, dW rows | random | "
+                  "norm dW subject | norm dW style |", "|---|---|---|---|---|---|---|"]
+        for m in method_order(r["method"] for r in inter):
+            st = {k: seed_stats([r for r in inter if r["method"] == m], lambda r: 0, k)[0]
+                  for k in ("col_cos", "col_random", "row_cos", "row_random", "norm_subject", "norm_style")}
+            lines.append(f"| {m} | " + " | ".join(pm(st[k]) for k in st) + " |")
+        lines.append("")
+    saturation = dco_saturation(args.work, runs)
+    if saturation:
+        lines += ["## Why DCO learns less: how much of the DreamBooth gradient is left", "",
+                  "Per sample, dL_DCO/dl_theta = β·sigmoid(−β·r) with r = l_phi − l_theta, the implicit reward "
+                  "train.py logs; relative to its value at the start (β/2) that is 2·sigmoid(−β·r): 1 while "
+                  "theta = phi, → 0 once theta beats phi by a few 1/β (DreamBooth's stays 1). Mean over the last "
+                  "quarter of training steps, then over concepts; ± std over seeds:", "",
+                  "| method | implicit reward r | 2·sigmoid(−β·r) (1 = full DB gradient) |", "|---|---|---|"]
+        for m, (r, w) in saturation.items():
+            lines.append(f"| {m} | {pm(r)} | {pm(w)} |")
+        lines.append("")
+    if os.path.isdir(args.work) and sample_figure(args, os.path.join(args.out, "tinyworld_samples.png")):
+        lines += ["![samples](tinyworld_samples.png)", "",
+                  f"First seed, first {SAMPLE_ROWS} evaluation prompts per row (the same prompts and noise in every "
+                  "row of a concept).", ""]
+    lines += ["![pareto](tinyworld_pareto.png)", ""] + (["![merge](tinyworld_merge.png)", ""] if merges else [])
+    path = os.path.join(args.out, "tinyworld_results.md")
+    with open(path, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+    print(f"wrote {path} and the plots beside it")
+
+
+def floats(text):
+    return [float(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="DreamBooth vs DreamBooth+prior vs DCO in the tiny world (CPU).")
+    p.add_argument("--model", default=MODEL_DIR, help="the tiny SDXL (python -m tinyworld.pretrain)")
+    p.add_argument("--out", default=DOCS, help="CSVs, plots and tinyworld_results.md")
+    p.add_argument("--work", default=os.path.join("output", "tinyworld_experiments"),
+                   help="LoRAs, merges, class images, kept samples")
+    p.add_argument("--concepts", default=",".join([*world.SUBJECTS, *world.STYLES]))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--methods", default="db,db-prior,dco", help="which of db, db-prior, dco (at every --betas) to "
+                   "train; the merge needs db and dco")
+    p.add_argument("--betas", type=floats, default=floats("250,1000"), help="DCO's beta sweep")
+    p.add_argument("--merge-beta", type=float, default=1000.0, help="the DCO LoRAs merged (one of --betas)")
+    p.add_argument("--wcons", type=floats, default=floats("0,1,3"), help="0 = plain sampling with the LoRA")
+    p.add_argument("--show-wcons", type=floats, default=floats("3"), help="w_con rows of the sample figure")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ti-lr", type=float, default=1e-3)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--num-class-images", type=int, default=20)
+    p.add_argument("--n-eval", type=int, default=12, help="evaluation prompts per concept (one sample each)")
+    p.add_argument("--sample-steps", type=int, default=15)
+    p.add_argument("--cfg", type=float, default=4.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--append", action="store_true", help="keep the rows already in --out's CSVs and add this "
+                   "run's (e.g. more betas); the base model's rows are not repeated")
+    p.add_argument("--report", action="store_true", help="only remake plots and tables from the CSVs in --out")
+    args = p.parse_args(argv)
+    args.concepts = [c for c in args.concepts.split(",") if c]
+    for c in args.concepts:
+        world.concept(c)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.methods = [m for m in args.methods.split(",") if m]
+    if set(args.methods) - {"db", "db-prior", "dco"}:
+        raise ValueError(f"--methods {','.join(args.methods)}: choose from db, db-prior, dco")
+    if {"db", "dco"} <= set(args.methods) and args.merge_beta not in args.betas:
+        raise ValueError(f"--merge-beta {args.merge_beta:g} must be one of --betas {args.betas}")
+    args.command = "python -m tinyworld.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.report:
+        report(args)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
