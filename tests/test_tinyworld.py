@@ -173,8 +173,10 @@ def test_subject_fidelity_hand_drawn():
     checker = checker_circle("red")
     score = metrics.subject_fidelity(checker, "checker")
     assert score["shape"] == 1 and score["overall"] > 0.75, score
-    stripes = checker_circle("green", ("blue", "pink"), cells=6, stripes=True)
-    assert metrics.subject_fidelity(stripes, "striped")["overall"] > 0.75
+    stripes = checker_circle("green", ("blue", "pink"), cells=3, stripes=True)  # 3 bands across, as the subject
+    assert metrics.subject_fidelity(stripes, "striped")["overall"] > 0.9
+    finer = checker_circle("green", ("blue", "pink"), cells=6, stripes=True)  # the same, twice as fine
+    assert metrics.subject_fidelity(finer, "striped")["texture"] < 0.3
     assert metrics.subject_fidelity(stripes, "checker")["overall"] < 0.25
     assert metrics.subject_fidelity(checker, "striped")["overall"] < 0.25
     img, d = canvas("red")

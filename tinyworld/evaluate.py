@@ -71,6 +71,26 @@ def per_value(images, scenes, attr):
     return {v: float(np.mean(r)) for v, r in sorted(rows.items())}
 
 
+def concept_fidelity(image, name):
+    return metrics.subject_fidelity(image, name)["overall"] if name in world.SUBJECTS else metrics.style_fidelity(image, name)
+
+
+@torch.no_grad()
+def concept_baselines(sd, n, steps, cfg, seed):
+    """Per new concept: its fidelity on the exact reference drawings, on their VAE reconstructions (the most a
+    model generating through this VAE can reach), and on base-model samples of n base prompts (the concept's
+    token replaced by its init word: the score before any training)."""
+    rows = {}
+    for name in [*world.SUBJECTS, *world.STYLES]:
+        refs = np.stack([world.render(s) for s in world.reference_scenes(name)])
+        x = torch.from_numpy(refs).permute(0, 3, 1, 2).float() / 127.5 - 1
+        rec = ((sd.vae.decode(sd.vae.encode(x)[0]).clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        scenes = [world.concept_scene(name, np.random.default_rng([seed, i]), jitter=False) for i in range(n)]
+        base = sample_images(sd, [world.base_caption(s) for s in scenes], steps, cfg, seed)
+        rows[name] = [np.mean([concept_fidelity(im, name) for im in ims]) for ims in (refs, rec, base)]
+    return rows
+
+
 def upscale(img, k=4):
     return Image.fromarray(np.asarray(img)).resize((img.shape[1] * k, img.shape[0] * k), Image.NEAREST)
 
@@ -139,6 +159,7 @@ def main(argv=None):
                    for s in (10, 30) if s != args.steps}
     steps_sweep[args.steps] = accuracy(images[: args.sweep_n], scenes[: args.sweep_n])
 
+    baselines = concept_baselines(sd, 24, args.steps, args.cfg, args.seed)
     rows, labels = sweep_grid(sd, args.steps, args.cfg, args.seed)
     rand = [upscale(im) for im in images[:12]]
     grid = make_grid(rows + [rand], labels + ["random"])
@@ -175,6 +196,14 @@ def main(argv=None):
     lines += ["", f"Sampler steps (first {args.sweep_n} prompts, CFG {args.cfg:g}):", "",
               "| steps | " + " | ".join(attrs) + " | overall | all five |", "|---|" + "---|" * (len(attrs) + 2)]
     lines += [f"| {s} | {fmt(d)} |" for s, d in sorted(steps_sweep.items())]
+    lines += ["", "## The new concepts before training", "",
+              "Subject fidelity (subjects) or style fidelity (styles) of `tinyworld/metrics.py`, mean over the 5 "
+              "reference images, over their VAE reconstructions (the ceiling for anything generated through this "
+              "VAE: the small <checker>'s 2-pixel cells do not survive it), and over 24 base-model samples of base "
+              "prompts (token -> init word, e.g. \"a big yellow circle ...\"): the score before any training.", "",
+              "| concept | token | init word | references | VAE reconstructions | base model |", "|---|---|---|---|---|---|"]
+    lines += [f"| {n} | `{world.concept(n).token}` | {world.concept(n).init_word} | {r[0]:.2f} | {r[1]:.2f} | {r[2]:.2f} |"
+              for n, r in baselines.items()]
     lines += ["", "## The model", "", "| component | parameters | weights |", "|---|---|---|", *table, "",
               f"Made by `{meta.get('command', '?').strip()}` (seed {meta.get('seed', '?')}; all settings: "
               f"`{meta.get('pretrain_args', '?')}`).", "", NOTES,

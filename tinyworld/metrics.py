@@ -10,14 +10,17 @@ attributes and compare:
                            ("overall") and whether all are right ("all").              ~ the paper's SigLIP score
   subject_fidelity(image, subject)  how much the object is the subject, in [0, 1]: the mean of    ~ DINO score
                            shape   1 if the object's kind is the subject's (a circle for <checker>),
-                           colors  histogram intersection of the object's colours with the subject's,
-                           texture 1 - L1 distance (relative) of the object's texture signature to the subject's:
-                                   how often neighbouring pixels change colour, in 4 directions (a checker changes
-                                   along x, y and both diagonals, stripes along three of the four, a solid object
-                                   never). Both references are the subject drawn at the same size, so the score is
-                                   ~1 for a perfect drawing, ~0.5 for a plain yellow circle, ~0 for anything else.
+                           colors  where the object's pixels lie between the subject's two colours (near one, near
+                                   the other, mixed), intersected with the same histogram of the subject,
+                           texture 1 - relative L1 distance of the object's directional total variation (mean colour
+                                   change to the neighbour right, down and on both diagonals) to the subject's: it
+                                   tells a checker from stripes, and stripes from stripes twice as fine, and is
+                                   unchanged by a mild blur (the VAE's), which only spreads each edge out.
+                           References are the subject drawn at the detected size, so a perfect drawing scores ~0.9,
+                           a plain yellow circle ~0.5 (right kind, one of two colours, no texture), others ~0.1.
   style_fidelity(image, style)  in [0, 1]: pastel = share of (non-white) pixels whose nearest world colour is a
-                           pastel one; outline = share of the pixels just outside the object that are black.
+                           pastel one; outline = share of the object's edge pixels with a dark pixel (a black line,
+                           blurred or not) within 2 pixels outside.
 
 Colours are recognised as the nearest world colour *or its pastel version*, so a pastel image still reads as
 "red circle on blue"; black pixels (an outline) are never part of the object. Parsing is exact on rendered
