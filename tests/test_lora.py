@@ -17,7 +17,7 @@ from lora import (TEXT_ALL, UNET_ATTN, UNET_KOHYA, LoRALinear, apply_lora, conca
                   lora_state_dict, save_lora_kohya, save_lora_peft, set_lora_scale)
 from text_encoder import CLIPTextModel
 from unet_loader import UNet, load_unet_config
-from tiny_sdxl import randomize
+from tiny_sdxl import randomize, unet_pair
 
 DATA = Path(__file__).parent / "data" / "sdxl"
 POOLED, CTX = 16, 32
@@ -58,16 +58,7 @@ def _inputs(batch=2, seed=1):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(diffusers UNet2DConditionModel, our UNet with the same weights loaded strict, config)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    theirs = randomize(UNet2DConditionModel(**TINY)).eval()
-    folder = tmp_path_factory.mktemp("tiny_unet")
-    theirs.save_pretrained(folder)
-    config = load_unet_config(folder)
-    ours = UNet(config)
-    ours.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=True)
-    return theirs, ours.eval(), config
+    return unet_pair(tmp_path_factory.mktemp("tiny_unet"), TINY)
 
 
 @pytest.fixture

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from unet_loader import UNet, load_unet_config
-from tiny_sdxl import randomize
+from tiny_sdxl import unet_pair
 
 DATA = Path(__file__).parent / "data" / "sdxl"
 POOLED, CTX = 16, 32
@@ -43,15 +42,7 @@ def _inputs(h, w, seed=1):
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """(diffusers model, our model loaded from the diffusers checkpoint files)."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    theirs = randomize(UNet2DConditionModel(**TINY)).eval()
-    folder = tmp_path_factory.mktemp("tiny_unet")
-    theirs.save_pretrained(folder)
-    ours = UNet(load_unet_config(folder / "config.json"))
-    ours.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=True)
-    return theirs, ours.eval()
+    return unet_pair(tmp_path_factory.mktemp("tiny_unet"), TINY)[:2]
 
 
 @pytest.mark.parametrize("hw", [(16, 16), (8, 12)])

@@ -93,3 +93,19 @@ def save_tiny_sdxl(path, seed=0, variant=None):
         shutil.rmtree(path / name)
         write_clip_tokenizer_folder(path / name, pad)
     return path, pipe
+
+
+def unet_pair(folder, config):
+    """(diffusers UNet2DConditionModel with random weights, our UNet loaded strictly from its saved files, config):
+    the reference saved with save_pretrained into `folder` and read back as a user's checkpoint would be."""
+    from diffusers import UNet2DConditionModel
+
+    from unet_loader import UNet, load_unet_config
+
+    torch.manual_seed(0)
+    theirs = randomize(UNet2DConditionModel(**config)).eval()
+    theirs.save_pretrained(folder)
+    cfg = load_unet_config(folder)
+    ours = UNet(cfg)
+    ours.load_state_dict(load_file(str(folder / "diffusion_pytorch_model.safetensors")), strict=True)
+    return theirs, ours.eval(), cfg
