@@ -491,9 +491,10 @@ def train(args):
         for e in embeds:
             e.rescale()
 
-        rec = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"]}
-        if reward is not None:
+        rec = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "t": t[:B].tolist()}
+        if reward is not None:  # per sample too: DCO's gradient weight 2 sigmoid(-beta r) depends on t (see README)
             rec["implicit_reward"] = reward.mean().item()
+            rec["implicit_rewards"] = reward.tolist()
         rec["time"] = time.perf_counter() - t0
         with open(log_path, "a") as f:
             f.write(json.dumps(rec) + "\n")

@@ -99,6 +99,9 @@ def test_first_step_is_log2_and_loss_finite(dco_run):
     assert log[0]["loss"] == LOG2 and log[0]["implicit_reward"] == 0.0  # theta = phi at step 0, exactly
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["implicit_reward"]) and r["lr"] == 5e-5 for r in log)
     assert log[-1]["implicit_reward"] != 0.0 and log[-1]["loss"] < LOG2  # it learned something phi did not know
+    for r in log:  # per-sample rewards and timesteps, for the per-timestep saturation analysis
+        assert len(r["t"]) == len(r["implicit_rewards"]) and all(0 <= t < 1000 for t in r["t"])
+        assert r["implicit_reward"] == pytest.approx(sum(r["implicit_rewards"]) / len(r["implicit_rewards"]))
 
 
 def test_phi_is_the_pretrained_model(dco_run, tiny_sdxl):
