@@ -1,6 +1,7 @@
 """tinyworld/experiments.py end to end on a random tiny SDXL (1 seed, a subject and a style, a few steps): every
 CSV row, the merge and the interference analysis, the tables and plots; and tinyworld/plot.py's drawing."""
 import csv
+import json
 import os
 
 import numpy as np
@@ -24,20 +25,27 @@ def rows(path):
 
 def test_experiments_smoke(random_tiny, tmp_path):
     out, work = tmp_path / "docs", tmp_path / "work"
+    # --jobs 2: the pair checker+pastel in one worker process, outline alone in the other
     args = experiments.parse_args(["--model", random_tiny, "--out", str(out), "--work", str(work), "--seeds", "3",
-                                   "--concepts", "checker,pastel", "--betas", "1000", "--steps", "2", "--n-eval", "2",
-                                   "--sample-steps", "2", "--wcons", "0,2", "--num-class-images", "1"])
-    experiments.run(args)
+                                   "--concepts", "checker,pastel,outline", "--betas", "1000", "--merge-betas", "1000",
+                                   "--steps", "2", "--n-eval", "2", "--sample-steps", "2", "--wcons", "0,2",
+                                   "--num-class-images", "1", "--jobs", "2"])
+    experiments.run_parallel(args)
     runs = rows(out / "tinyworld_runs.csv")
     methods = ["db", "db-prior", "dco-1000"]
     # per concept: the base model once, then every method at every w_con
-    assert len(runs) == 2 * (1 + len(methods) * 2)
-    assert {(r["concept"], r["method"]) for r in runs} == {(c, m) for c in ("checker", "pastel")
+    assert len(runs) == 3 * (1 + len(methods) * 2)
+    assert {(r["concept"], r["method"]) for r in runs} == {(c, m) for c in ("checker", "pastel", "outline")
                                                            for m in ["base"] + methods}
+    # the subject and style LoRAs of a merge start from different random inits
+    seeds = {json.load(open(work / f"{c}_db_s3" / "train_config.json"))["seed"] for c in ("checker", "pastel")}
+    assert len(seeds) == 2
     for r in runs:
         assert r["seed"] == "3" and r["n"] == "2"
         assert 0 <= float(r["fidelity"]) <= 1 and 0 <= float(r["prompt_fidelity"]) <= 1
     assert {r["kind"] for r in runs if r["concept"] == "pastel"} == {"style"}
+    assert all(r["texture"] != "" for r in runs if r["concept"] == "checker")  # subject fidelity's parts
+    assert all(r["texture"] == "" for r in runs if r["concept"] != "checker")
     merges = rows(out / "tinyworld_merge.csv")
     assert {(r["method"], r["wcon"]) for r in merges} == {(m, w) for m in ("db", "dco-1000") for w in ("0.0", "2.0")}
     inter = rows(out / "tinyworld_interference.csv")
@@ -47,6 +55,8 @@ def test_experiments_smoke(random_tiny, tmp_path):
         assert (out / f).is_file(), f
     text = (out / "tinyworld_results.md").read_text()
     assert "| dco-1000 | plain |" in text and "Seeds [3]" in text
+    assert "| dco-1000 | " in text.split("by timestep")[1]  # the per-timestep saturation table
+    assert "three parts of subject fidelity" in text
     # --report remakes the same tables from the CSVs alone
     (out / "tinyworld_results.md").unlink()
     experiments.report(experiments.parse_args(["--out", str(out), "--work", str(work), "--report"]))

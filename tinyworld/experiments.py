@@ -16,10 +16,13 @@ merge.py on the tiny SDXL (tinyworld/model) and the exact pixel metrics of tinyw
 3. Interference (merge.interference, [3/5]): mean |cos| between the two LoRAs' weight updates, layer by layer,
    and the size of each update ||dW||_F, for the DB pair and the DCO pair.
 
+4. Where DCO stops learning: from train.py's per-sample log, the share of the DreamBooth gradient DCO has left,
+   2 sigmoid(-beta r), by timestep.
+
 Every run appends its rows to the CSVs as soon as it finishes (a killed run leaves usable partial results); at the
 end the plots and the tables (docs/tinyworld_results.md) are made from the CSVs. `--report` remakes them from
-existing CSVs without training. One run (train + sample + score) takes ~20-60 s on one CPU core: the defaults
-(4 concepts x 3 seeds x 4 methods) ~35 min, `--concepts checker,pastel` (what docs/ holds) ~16 min.
+existing CSVs without training. One run (train 300 steps + sample 24 prompts x 3 w_con + score) takes ~30 s on one
+CPU core: the defaults (4 concepts x 3 seeds x 6 methods + merges) ~45 min on one core, ~23 min with --jobs 2.
 """
 import argparse
 import contextlib
@@ -50,7 +53,8 @@ EVAL_SEED = 777          # the evaluation prompts: a fixed set, the same for eve
 SAMPLE_ROWS = 8          # images per row of the sample figure
 PAIRS = (("checker", "pastel"), ("striped", "outline"))  # subject + style merges
 RUN_FIELDS = ["concept", "kind", "method", "loss", "beta", "seed", "wcon", "fidelity", "prompt_fidelity",
-              "prompt_all", "bg", "color", "kind_attr", "position", "size", "train_s", "n"]
+              "prompt_all", "bg", "color", "kind_attr", "position", "size", "shape", "colors", "texture",
+              "train_s", "n"]  # shape, colors, texture: subject_fidelity's three parts (subjects only)
 MERGE_FIELDS = ["subject", "style", "method", "seed", "wcon", "subject_fidelity", "style_fidelity",
                 "prompt_fidelity", "prompt_all", "n"]
 INTERFERENCE_FIELDS = ["subject", "style", "method", "seed", "col_cos", "row_cos", "up_cos", "down_cos",
@@ -86,13 +90,20 @@ def class_prompt(name):
 # One run: train.py, then sample.py + metrics
 
 
+def train_seed(name, seed):
+    """train.py's --seed for a concept: it seeds the LoRA init and the data order. Offset per concept, so the subject
+    and style LoRAs of a merge start from different random down-projections (with one seed their A's stay ~95%
+    aligned after 200 steps and inflate the interference measure); every method of a concept shares it."""
+    return seed + 100 * [*world.SUBJECTS, *world.STYLES].index(name)
+
+
 def train_lora(name, loss, beta, seed, out, args):
     """train.py on the concept's folder (its captions name the token) -> seconds taken."""
     c = world.concept(name)
     argv = ["--images", os.path.join(world.CONCEPTS_DIR, name), "--model", args.model, "--output", out,
             "--loss", loss, "--beta", str(beta or 1000), "--steps", str(args.steps), "--rank", str(args.rank),
             "--lr", str(args.lr), "--ti-lr", str(args.ti_lr), "--resolution", str(world.SIZE),
-            "--token", c.token, "--init-word", c.init_word, "--seed", str(seed), "--checkpoint-every", "0",
+            "--token", c.token, "--init-word", c.init_word, "--seed", str(train_seed(name, seed)), "--checkpoint-every", "0",
             "--sample-steps", "0", "--device", "cpu"]
     if loss == "db-prior":  # class images are made by the base model once per concept (cached in --class-dir)
         argv += ["--class-prompt", class_prompt(name), "--num-class-images", str(args.num_class_images),
@@ -112,7 +123,10 @@ def score(image, scene):
     out = {"prompt_fidelity": p["overall"], "prompt_all": p["all"],
            **{("kind_attr" if a == "kind" else a): p[a] for a in metrics.PROMPT_ATTRIBUTES if a in p}}
     if scene.subject:
-        out["subject_fidelity"] = metrics.subject_fidelity(image, scene.subject, scene.style)["overall"]
+        sf = metrics.subject_fidelity(image, scene.subject, scene.style)
+        out["subject_fidelity"] = sf["overall"]
+        if scene.style not in world.STYLES:  # a single subject: keep the parts, to see *what* was learned
+            out.update(shape=sf["shape"], colors=sf["colors"], texture=sf["texture"])
     if scene.style in world.STYLES:
         out["style_fidelity"] = metrics.style_fidelity(image, scene.style)
     return out
@@ -165,7 +179,59 @@ def model_digest(model):
         return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
-def run(args):
+def run_parallel(args):
+    """--jobs N: the concepts split by merge pair over N forked worker processes (one CPU thread each), every worker
+    a plain run() into its own folder under --work; then their CSV rows gathered into --out and the report made.
+    On 2 cores, 2 jobs take about half the time of one."""
+    groups = [[c for c in pair if c in args.concepts] for pair in PAIRS]
+    groups = [g for g in groups if g] + [[c] for c in args.concepts if not any(c in p for p in PAIRS)]
+    jobs = [sum(groups[k::args.jobs], []) for k in range(min(args.jobs, len(groups)))]
+    outs = [os.path.join(args.work, f"job{k}") for k in range(len(jobs))]
+    ctx = __import__("multiprocessing").get_context("fork")
+    t_start = time.time()
+    procs = [ctx.Process(target=_worker, args=(replace_args(args, concepts=c, out=o, append=False, jobs=1),))
+             for c, o in zip(jobs, outs)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs):
+        raise RuntimeError(f"--jobs: a worker failed (exit codes {[p.exitcode for p in procs]}); see its log above")
+    os.makedirs(args.out, exist_ok=True)
+    for key, path in csv_paths(args.out).items():
+        old = read_csv(path) if args.append else []
+        have = {(r["concept"], r["seed"]) for r in old if r.get("method") == "base"}
+        new = [r for o in outs for r in read_csv(csv_paths(o)[key])
+               if not (key == "runs" and r["method"] == "base" and (r["concept"], r["seed"]) in have)]
+        if os.path.exists(path):
+            os.remove(path)
+        fields = {"runs": RUN_FIELDS, "merge": MERGE_FIELDS, "interference": INTERFERENCE_FIELDS}[key]
+        if old or new:
+            append(path, fields, old + new)
+    write_run_json(args, (time.time() - t_start) / 60)
+    report(args)
+
+
+def replace_args(args, **changes):
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def _worker(args):
+    torch.set_num_threads(args.threads)
+    run(args, make_report=False)
+
+
+def write_run_json(args, minutes):
+    made, before = os.path.join(args.out, "tinyworld_run.json"), {"command": "", "minutes": 0}
+    if args.append and os.path.exists(made):
+        before = json.load(open(made))
+    with open(made, "w") as f:  # what --report later says made the CSVs
+        json.dump({"command": " && ".join(c for c in (before["command"], args.command.strip()) if c),
+                   "minutes": round(before["minutes"] + minutes, 1), "model_sha256": model_digest(args.model)},
+                  f, indent=2)
+
+
+def run(args, make_report=True):
     args.digest = model_digest(args.model)
     os.makedirs(args.work, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
@@ -207,7 +273,7 @@ def run(args):
             if subject not in args.concepts or style not in args.concepts or not {"db", "dco"} <= set(args.methods):
                 continue
             scenes = eval_scenes(None, args.n_eval, subject=subject, style=style)
-            for method in ("db", f"dco-{args.merge_beta:g}"):
+            for method in ["db"] + [f"dco-{b:g}" for b in args.merge_betas]:
                 a, b = (os.path.join(args.work, f"{n}_{method}_s{seed}") for n in (subject, style))
                 merged = os.path.join(args.work, f"merge_{subject}_{style}_{method}_s{seed}")
                 shutil.rmtree(merged, ignore_errors=True)
@@ -228,13 +294,9 @@ def run(args):
                                 f"{r['prompt_fidelity']:.2f}" for w, r in res.items())
                     + f"   |cos| {mean['col_cos']:.3f} (random {mean['col_random']:.3f})")
     minutes = (time.time() - t_start) / 60
-    made, before = os.path.join(args.out, "tinyworld_run.json"), {"command": "", "minutes": 0}
-    if args.append and os.path.exists(made):
-        before = json.load(open(made))
-    with open(made, "w") as f:  # what --report later says made the CSVs
-        json.dump({"command": " && ".join(c for c in (before["command"], args.command.strip()) if c),
-                   "minutes": round(before["minutes"] + minutes, 1), "model_sha256": args.digest}, f, indent=2)
-    report(args)
+    if make_report:
+        write_run_json(args, minutes)
+        report(args)
     return minutes
 
 
@@ -281,10 +343,10 @@ def wcon_label(w):
     return "plain" if float(w) == 0 else f"{float(w):g}"
 
 
-def pareto_panel(rows, kind, title):
+def pareto_panel(rows, kind, title, value="fidelity", ylabel=None):
     rows = [r for r in rows if r["kind"] == kind]
     group = lambda r: (r["method"], float(r["wcon"]))  # noqa: E731
-    fid, prm = seed_stats(rows, group, "fidelity"), seed_stats(rows, group, "prompt_fidelity")
+    fid, prm = seed_stats(rows, group, value), seed_stats(rows, group, "prompt_fidelity")
     series = []
     for m in method_order(r["method"] for r in rows):
         ws = sorted({w for mm, w in fid if mm == m}, key=lambda w: (w == 0, w))  # plain sampling last
@@ -293,7 +355,7 @@ def pareto_panel(rows, kind, title):
                                   [wcon_label(w) if m != "base" else "" for w in ws],
                                   [(prm[(m, w)][1], fid[(m, w)][1]) for w in ws],
                                   color=(0, 0, 0) if m == "base" else None, dashed=m.startswith("db")))
-    return plot.lines(series, "prompt fidelity", f"{kind} fidelity", title)
+    return plot.lines(series, "prompt fidelity", ylabel or f"{kind} fidelity", title)
 
 
 def sample_figure(args, out_png):
@@ -301,10 +363,11 @@ def sample_figure(args, out_png):
     the merged DCO beta, plain and at --show-wcons; then the merges."""
     stems = []
     for name in args.concepts:
-        stems += [(f"{name}_base", [0.0])] + [(f"{name}_{m}", [0.0] + args.show_wcons)
-                                              for m in ("db", "db-prior", f"dco-{args.merge_beta:g}")]
+        stems += [(f"{name}_base", [0.0]), (f"{name}_db-prior", [0.0])] + \
+            [(f"{name}_{m}", [0.0] + args.show_wcons) for m in ["db"] + [f"dco-{b:g}" for b in args.merge_betas]]
     for subject, style in PAIRS:
-        stems += [(f"merge_{subject}_{style}_{m}", [0.0] + args.show_wcons) for m in ("db", f"dco-{args.merge_beta:g}")]
+        stems += [(f"merge_{subject}_{style}_{m}", [0.0] + args.show_wcons)
+                  for m in ["db"] + [f"dco-{b:g}" for b in args.merge_betas]]
     rows, labels = [], []
     for stem, wcons in stems:
         for w in wcons:
@@ -318,24 +381,37 @@ def sample_figure(args, out_png):
     return bool(rows)
 
 
+T_BINS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # timestep ranges: low noise (fine detail) to pure noise
+
+
 def dco_saturation(work, runs):
-    """{dco method: ((mean, std, n) implicit reward, (mean, std, n) of 2 sigmoid(-beta r))} over the last quarter of
-    each DCO run's log.jsonl in `work` (per seed: averaged over concepts)."""
+    """{dco method: {column: (mean, std, n seeds)}} from the second half of each DCO run's log.jsonl in `work`: the
+    implicit reward r = l_phi - l_theta and the share of the DreamBooth gradient left, 2 sigmoid(-beta r), overall and
+    per timestep range (train.py logs every sample's t and r). Per seed averaged over concepts first."""
     rows = []
-    for r in runs:
-        if r["loss"] != "dco" or float(r["wcon"]) != 0:
+    for run in runs:
+        if run["loss"] != "dco" or float(run["wcon"]) != 0:
             continue
-        path = os.path.join(work, f"{r['concept']}_{r['method']}_s{r['seed']}", "log.jsonl")
+        path = os.path.join(work, f"{run['concept']}_{run['method']}_s{run['seed']}", "log.jsonl")
         if not os.path.exists(path):
             continue
         with open(path) as f:
             log = [json.loads(line) for line in f]
-        rewards = np.array([x["implicit_reward"] for x in log[-max(1, len(log) // 4):]])
-        weight = 2 / (1 + np.exp(np.clip(float(r["beta"]) * rewards, -50, 50)))
-        rows.append({"method": r["method"], "seed": r["seed"], "r": rewards.mean(), "w": weight.mean()})
-    return {m: (seed_stats([x for x in rows if x["method"] == m], lambda x: 0, "r")[0],
-                seed_stats([x for x in rows if x["method"] == m], lambda x: 0, "w")[0])
-            for m in method_order(x["method"] for x in rows)}
+        log = log[len(log) // 2:]
+        t = np.array([t for x in log for t in x["t"]])
+        r = np.array([r for x in log for r in x["implicit_rewards"]])
+        w = 2 / (1 + np.exp(np.clip(float(run["beta"]) * r, -50, 50)))
+        row = {"method": run["method"], "seed": run["seed"], "r": r.mean(), "w": w.mean()}
+        for lo, hi in T_BINS:
+            if ((t >= lo) & (t < hi)).any():
+                row[f"w{lo}"] = w[(t >= lo) & (t < hi)].mean()
+        rows.append(row)
+    out = {}
+    for m in method_order(x["method"] for x in rows):
+        mine = [x for x in rows if x["method"] == m]
+        out[m] = {k: seed_stats([x for x in mine if k in x], lambda x: 0, k)[0]
+                  for k in ["r", "w"] + [f"w{lo}" for lo, _ in T_BINS] if any(k in x for x in mine)}
+    return out
 
 
 def report(args):
@@ -346,8 +422,11 @@ def report(args):
     runs, merges, inter = (read_csv(csvs[k]) for k in ("runs", "merge", "interference"))
     if not runs:
         raise FileNotFoundError(f"{csvs['runs']}: no results to report; run `python -m tinyworld.experiments` first")
-    panels = [pareto_panel(runs, k, f"{k}s: {', '.join(sorted({r['concept'] for r in runs if r['kind'] == k}))}")
-              for k in ("subject", "style") if any(r["kind"] == k for r in runs)]
+    names = {k: ", ".join(sorted({r["concept"] for r in runs if r["kind"] == k})) for k in ("subject", "style")}
+    panels = [pareto_panel(runs, k, f"{k}s: {names[k]}") for k in ("subject", "style") if names[k]]
+    if names["subject"] and all(r.get("texture") for r in runs if r["kind"] == "subject"):
+        # subject fidelity's texture part alone: what the LoRA learned, without the shape and colours it may cost
+        panels.insert(1, pareto_panel(runs, "subject", f"subjects: texture part only", "texture", "subject texture"))
     plot.side_by_side(panels).save(os.path.join(args.out, "tinyworld_pareto.png"))
     seeds = sorted({int(r["seed"]) for r in runs})
     lines = ["# Tiny-world experiments: results", "",
@@ -380,6 +459,13 @@ def report(args):
         for m in method_order(r["method"] for r in rows):
             lines.append(f"| {m} | " + " | ".join(f"{pm(cf[(m, c)])} | {pm(cp[(m, c)])}"
                                                    for c in sorted({r['concept'] for r in rows})) + " |")
+        if kind == "subject" and all(r.get("texture") for r in plain):
+            parts = {k: seed_stats(plain, lambda r: r["method"], k) for k in ("shape", "colors", "texture")}
+            lines += ["", "The three parts of subject fidelity, plain sampling (shape: the object's kind is the "
+                      "subject's; colors: its two colours; texture: its pattern):", "",
+                      "| method | shape | colors | texture |", "|---|---|---|---|"]
+            for m in method_order(r["method"] for r in plain):
+                lines.append(f"| {m} | " + " | ".join(pm(parts[k][m]) for k in parts) + " |")
         times = seed_stats([r for r in rows if r["method"] != "base"], lambda r: r["method"], "train_s")
         lines += ["", "Training time per LoRA (s): " + ", ".join(f"{m} {times[m][0]:.0f}" for m in
                                                                method_order(times)), ""]
@@ -415,14 +501,17 @@ def report(args):
         lines.append("")
     saturation = dco_saturation(args.work, runs)
     if saturation:
-        lines += ["## Why DCO learns less: how much of the DreamBooth gradient is left", "",
+        lines += ["## Where DCO stops learning: the DreamBooth gradient left, by timestep", "",
                   "Per sample, dL_DCO/dl_theta = β·sigmoid(−β·r) with r = l_phi − l_theta, the implicit reward "
                   "train.py logs; relative to its value at the start (β/2) that is 2·sigmoid(−β·r): 1 while "
-                  "theta = phi, → 0 once theta beats phi by a few 1/β (DreamBooth's stays 1). Mean over the last "
-                  "quarter of training steps, then over concepts; ± std over seeds:", "",
-                  "| method | implicit reward r | 2·sigmoid(−β·r) (1 = full DB gradient) |", "|---|---|---|"]
-        for m, (r, w) in saturation.items():
-            lines.append(f"| {m} | {pm(r)} | {pm(w)} |")
+                  "theta = phi, → 0 once theta beats phi by a few 1/β (DreamBooth's stays 1). Mean over the second "
+                  "half of training, over all timesteps and per timestep range (low t = little noise, fine detail; "
+                  "high t = coarse layout and colour), then over concepts; ± std over seeds:", "",
+                  "| method | implicit reward r | 2·sigmoid(−β·r), all t | "
+                  + " | ".join(f"t {lo}–{hi - 1}" for lo, hi in T_BINS) + " |", "|---|---|---|" + "---|" * len(T_BINS)]
+        for m, st in saturation.items():
+            lines.append(f"| {m} | {pm(st['r'])} | {pm(st['w'])} | "
+                         + " | ".join(pm(st[f"w{lo}"]) if f"w{lo}" in st else "–" for lo, _ in T_BINS) + " |")
         lines.append("")
     if os.path.isdir(args.work) and sample_figure(args, os.path.join(args.out, "tinyworld_samples.png")):
         lines += ["![samples](tinyworld_samples.png)", "",
@@ -450,19 +539,22 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--methods", default="db,db-prior,dco", help="which of db, db-prior, dco (at every --betas) to "
                    "train; the merge needs db and dco")
-    p.add_argument("--betas", type=floats, default=floats("250,1000"), help="DCO's beta sweep")
-    p.add_argument("--merge-beta", type=float, default=1000.0, help="the DCO LoRAs merged (one of --betas)")
+    p.add_argument("--betas", type=floats, default=floats("10,30,100,1000"), help="DCO's beta sweep")
+    p.add_argument("--merge-betas", type=floats, default=floats("30,100"),
+                   help="the DCO LoRAs merged and shown in the sample figure (some of --betas)")
     p.add_argument("--wcons", type=floats, default=floats("0,1,3"), help="0 = plain sampling with the LoRA")
     p.add_argument("--show-wcons", type=floats, default=floats("3"), help="w_con rows of the sample figure")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=5e-3, help="the LoRA's; chosen (with --steps) so that DreamBooth visibly learns every concept in plain sampling")
     p.add_argument("--ti-lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--num-class-images", type=int, default=20)
-    p.add_argument("--n-eval", type=int, default=12, help="evaluation prompts per concept (one sample each)")
+    p.add_argument("--n-eval", type=int, default=24, help="evaluation prompts per concept (one sample each)")
     p.add_argument("--sample-steps", type=int, default=15)
     p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (the concepts split by merge pair): "
+                   "--jobs 2 on 2 cores halves the time")
     p.add_argument("--append", action="store_true", help="keep the rows already in --out's CSVs and add this "
                    "run's (e.g. more betas); the base model's rows are not repeated")
     p.add_argument("--report", action="store_true", help="only remake plots and tables from the CSVs in --out")
@@ -474,8 +566,8 @@ def parse_args(argv=None):
     args.methods = [m for m in args.methods.split(",") if m]
     if set(args.methods) - {"db", "db-prior", "dco"}:
         raise ValueError(f"--methods {','.join(args.methods)}: choose from db, db-prior, dco")
-    if {"db", "dco"} <= set(args.methods) and args.merge_beta not in args.betas:
-        raise ValueError(f"--merge-beta {args.merge_beta:g} must be one of --betas {args.betas}")
+    if {"db", "dco"} <= set(args.methods) and not set(args.merge_betas) <= set(args.betas):
+        raise ValueError(f"--merge-betas {args.merge_betas}: each must be one of --betas {args.betas}")
     args.command = "python -m tinyworld.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
     return args
 
@@ -485,6 +577,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.report:
         report(args)
+    elif args.jobs > 1:
+        run_parallel(args)
     else:
         run(args)
 
