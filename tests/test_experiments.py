@@ -60,7 +60,12 @@ def test_experiments_smoke(random_tiny, tmp_path):
     # --report remakes the same tables from the CSVs alone
     (out / "tinyworld_results.md").unlink()
     experiments.report(experiments.parse_args(["--out", str(out), "--work", str(work), "--report"]))
-    assert "| db merge | 2 |" in (out / "tinyworld_results.md").read_text()
+    remade = (out / "tinyworld_results.md").read_text()
+    assert "| db merge | 2 |" in remade and "| dco-1000 | " in remade.split("by timestep")[1]
+    sat = rows(out / "tinyworld_saturation.csv")  # one row per DCO run: the gradient left, by timestep
+    assert sorted(r["concept"] for r in sat) == ["checker", "outline", "pastel"]
+    assert {r["method"] for r in sat} == {"dco-1000"}
+    assert all(0 <= float(r["w"]) <= 2 for r in sat)
 
 
 def test_seed_stats_average_concepts_first_then_seeds():

@@ -57,6 +57,8 @@ RUN_FIELDS = ["concept", "kind", "method", "loss", "beta", "seed", "wcon", "fide
               "train_s", "n"]  # shape, colors, texture: subject_fidelity's three parts (subjects only)
 MERGE_FIELDS = ["subject", "style", "method", "seed", "wcon", "subject_fidelity", "style_fidelity",
                 "prompt_fidelity", "prompt_all", "n"]
+T_BINS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # timestep ranges: low noise (fine detail) to pure noise
+SATURATION_FIELDS = ["concept", "method", "beta", "seed", "r", "w"] + [f"w{lo}" for lo, _ in T_BINS]
 INTERFERENCE_FIELDS = ["subject", "style", "method", "seed", "col_cos", "row_cos", "up_cos", "down_cos",
                        "col_random", "row_random", "norm_subject", "norm_style", "layers"]
 
@@ -205,7 +207,8 @@ def run_parallel(args):
                if not (key == "runs" and r["method"] == "base" and (r["concept"], r["seed"]) in have)]
         if os.path.exists(path):
             os.remove(path)
-        fields = {"runs": RUN_FIELDS, "merge": MERGE_FIELDS, "interference": INTERFERENCE_FIELDS}[key]
+        fields = {"runs": RUN_FIELDS, "merge": MERGE_FIELDS, "interference": INTERFERENCE_FIELDS,
+                  "saturation": SATURATION_FIELDS}[key]
         if old or new:
             append(path, fields, old + new)
     write_run_json(args, (time.time() - t_start) / 60)
@@ -267,6 +270,9 @@ def run(args, make_report=True):
                                                    "beta": beta or "", "seed": seed, "wcon": w, "fidelity": r[fid],
                                                    **r, "train_s": round(secs, 1), "n": len(scenes)}
                                                   for w, r in res.items()])
+                if loss == "dco":
+                    append(csvs["saturation"], SATURATION_FIELDS, [{"concept": name, "method": method, "beta": beta,
+                           "seed": seed, **saturation(os.path.join(out, "log.jsonl"), beta)}])
                 log(f"seed {seed} {name:8s} {method:9s} train {secs:5.1f} s   fidelity/prompt "
                     + "  ".join(f"w{w:g} {r[fid]:.2f}/{r['prompt_fidelity']:.2f}" for w, r in res.items()))
         for subject, style in PAIRS:
@@ -305,7 +311,7 @@ def run(args, make_report=True):
 
 
 def csv_paths(folder):
-    return {k: os.path.join(folder, f"tinyworld_{k}.csv") for k in ("runs", "merge", "interference")}
+    return {k: os.path.join(folder, f"tinyworld_{k}.csv") for k in ("runs", "merge", "interference", "saturation")}
 
 
 def read_csv(path):
@@ -381,36 +387,31 @@ def sample_figure(args, out_png):
     return bool(rows)
 
 
-T_BINS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # timestep ranges: low noise (fine detail) to pure noise
+def saturation(log_path, beta):
+    """From one DCO run's log.jsonl, over the second half of training: the mean implicit reward r = l_phi - l_theta
+    and the share of the DreamBooth gradient left, 2 sigmoid(-beta r), overall and per timestep range (train.py
+    logs every sample's t and r)."""
+    with open(log_path) as f:
+        log = [json.loads(line) for line in f]
+    log = log[len(log) // 2:]
+    t = np.array([t for x in log for t in x["t"]])
+    r = np.array([r for x in log for r in x["implicit_rewards"]])
+    w = 2 / (1 + np.exp(np.clip(beta * r, -50, 50)))
+    row = {"r": r.mean(), "w": w.mean()}
+    for lo, hi in T_BINS:
+        if ((t >= lo) & (t < hi)).any():
+            row[f"w{lo}"] = w[(t >= lo) & (t < hi)].mean()
+    return row
 
 
-def dco_saturation(work, runs):
-    """{dco method: {column: (mean, std, n seeds)}} from the second half of each DCO run's log.jsonl in `work`: the
-    implicit reward r = l_phi - l_theta and the share of the DreamBooth gradient left, 2 sigmoid(-beta r), overall and
-    per timestep range (train.py logs every sample's t and r). Per seed averaged over concepts first."""
-    rows = []
-    for run in runs:
-        if run["loss"] != "dco" or float(run["wcon"]) != 0:
-            continue
-        path = os.path.join(work, f"{run['concept']}_{run['method']}_s{run['seed']}", "log.jsonl")
-        if not os.path.exists(path):
-            continue
-        with open(path) as f:
-            log = [json.loads(line) for line in f]
-        log = log[len(log) // 2:]
-        t = np.array([t for x in log for t in x["t"]])
-        r = np.array([r for x in log for r in x["implicit_rewards"]])
-        w = 2 / (1 + np.exp(np.clip(float(run["beta"]) * r, -50, 50)))
-        row = {"method": run["method"], "seed": run["seed"], "r": r.mean(), "w": w.mean()}
-        for lo, hi in T_BINS:
-            if ((t >= lo) & (t < hi)).any():
-                row[f"w{lo}"] = w[(t >= lo) & (t < hi)].mean()
-        rows.append(row)
+def dco_saturation(rows):
+    """{dco method: {column: (mean, std, n seeds)}} from the saturation CSV's rows (per seed: averaged over
+    concepts first)."""
     out = {}
     for m in method_order(x["method"] for x in rows):
         mine = [x for x in rows if x["method"] == m]
-        out[m] = {k: seed_stats([x for x in mine if k in x], lambda x: 0, k)[0]
-                  for k in ["r", "w"] + [f"w{lo}" for lo, _ in T_BINS] if any(k in x for x in mine)}
+        out[m] = {k: seed_stats([x for x in mine if x.get(k)], lambda x: 0, k)[0]
+                  for k in SATURATION_FIELDS[4:] if any(x.get(k) for x in mine)}
     return out
 
 
@@ -419,7 +420,7 @@ def report(args):
     csvs = csv_paths(args.out)
     made = os.path.join(args.out, "tinyworld_run.json")
     made = json.load(open(made)) if os.path.exists(made) else {"command": args.command}
-    runs, merges, inter = (read_csv(csvs[k]) for k in ("runs", "merge", "interference"))
+    runs, merges, inter, sat = (read_csv(csvs[k]) for k in ("runs", "merge", "interference", "saturation"))
     if not runs:
         raise FileNotFoundError(f"{csvs['runs']}: no results to report; run `python -m tinyworld.experiments` first")
     names = {k: ", ".join(sorted({r["concept"] for r in runs if r["kind"] == k})) for k in ("subject", "style")}
@@ -499,8 +500,8 @@ def report(args):
                   for k in ("col_cos", "col_random", "row_cos", "row_random", "norm_subject", "norm_style")}
             lines.append(f"| {m} | " + " | ".join(pm(st[k]) for k in st) + " |")
         lines.append("")
-    saturation = dco_saturation(args.work, runs)
-    if saturation:
+    gradient_left = dco_saturation(sat)
+    if gradient_left:
         lines += ["## Where DCO stops learning: the DreamBooth gradient left, by timestep", "",
                   "Per sample, dL_DCO/dl_theta = β·sigmoid(−β·r) with r = l_phi − l_theta, the implicit reward "
                   "train.py logs; relative to its value at the start (β/2) that is 2·sigmoid(−β·r): 1 while "
@@ -509,11 +510,12 @@ def report(args):
                   "high t = coarse layout and colour), then over concepts; ± std over seeds:", "",
                   "| method | implicit reward r | 2·sigmoid(−β·r), all t | "
                   + " | ".join(f"t {lo}–{hi - 1}" for lo, hi in T_BINS) + " |", "|---|---|---|" + "---|" * len(T_BINS)]
-        for m, st in saturation.items():
+        for m, st in gradient_left.items():
             lines.append(f"| {m} | {pm(st['r'])} | {pm(st['w'])} | "
                          + " | ".join(pm(st[f"w{lo}"]) if f"w{lo}" in st else "–" for lo, _ in T_BINS) + " |")
         lines.append("")
-    if os.path.isdir(args.work) and sample_figure(args, os.path.join(args.out, "tinyworld_samples.png")):
+    figure = os.path.join(args.out, "tinyworld_samples.png")  # made from --work's kept samples; else kept as it is
+    if (os.path.isdir(args.work) and sample_figure(args, figure)) or os.path.exists(figure):
         lines += ["![samples](tinyworld_samples.png)", "",
                   f"First seed, first {SAMPLE_ROWS} evaluation prompts per row (the same prompts and noise in every "
                   "row of a concept).", ""]
