@@ -365,12 +365,12 @@ def pareto_panel(rows, kind, title, value="fidelity", ylabel=None):
 
 
 def sample_figure(args, out_png):
-    """The first seed's first samples, one row per (concept, method, w_con): the base model, DB, DB + prior and
-    the merged DCO beta, plain and at --show-wcons; then the merges."""
+    """The first seed's first samples, one row per (concept, method, w_con): the base model and DB + prior plain,
+    DB and DCO at --show-betas plain and at --show-wcons; then the merges."""
     stems = []
     for name in args.concepts:
         stems += [(f"{name}_base", [0.0]), (f"{name}_db-prior", [0.0])] + \
-            [(f"{name}_{m}", [0.0] + args.show_wcons) for m in ["db"] + [f"dco-{b:g}" for b in args.merge_betas]]
+            [(f"{name}_{m}", [0.0] + args.show_wcons) for m in ["db"] + [f"dco-{b:g}" for b in args.show_betas]]
     for subject, style in PAIRS:
         stems += [(f"merge_{subject}_{style}_{m}", [0.0] + args.show_wcons)
                   for m in ["db"] + [f"dco-{b:g}" for b in args.merge_betas]]
@@ -546,6 +546,7 @@ def parse_args(argv=None):
                    help="the DCO LoRAs merged and shown in the sample figure (some of --betas)")
     p.add_argument("--wcons", type=floats, default=floats("0,1,3"), help="0 = plain sampling with the LoRA")
     p.add_argument("--show-wcons", type=floats, default=floats("3"), help="w_con rows of the sample figure")
+    p.add_argument("--show-betas", type=floats, default=floats("10,1000"), help="DCO rows of the sample figure")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=5e-3, help="the LoRA's; chosen (with --steps) so that DreamBooth visibly learns every concept in plain sampling")
     p.add_argument("--ti-lr", type=float, default=1e-3)
