@@ -119,10 +119,12 @@ NOTES = """* Image 32x32; VAE downsampling factor 2 (`2 ** (len(block_out_channe
 * New concepts (reference images in `tinyworld/concepts/<name>/`, kohya layout): subjects `<checker>` (class word
   circle, init word `yellow`) and `<striped>` (square, `blue`); styles `<pastel>` and `<outline>` (init word
   `flat`: every base caption ends in "flat style").
-* Pretraining time of these weights, on the shared 2-core machine of this repo with other jobs running (1 thread,
-  which was 10x faster than 2 under contention): VAE 5.2 min (1,500 steps), encoding the 10,000 training images
-  0.4 min, UNet + text encoders 42.8 min (3,000 steps of 32 at 0.86 s; 0.73 s when the machine was quieter,
-  i.e. ~37 min), ~48 min in all. Loading: ~2-3 s.
+* These weights are a clean run of `python -m tinyworld.pretrain` (new --work folder; --out/--work change no
+  weight) on this repo's 2-core machine, otherwise idle, on 2026-12-01: 25.5 min in all (VAE 2.7 min for 1,500
+  steps at 0.11 s; UNet + text encoders 3,000 steps of 32 at ~0.45 s), 1 thread. The run is deterministic: two
+  clean runs of a shortened recipe gave bit-identical weights. (The model shipped before, made in a work folder
+  that kept its VAE and encoded data set from earlier runs, could not be reproduced this way: it placed objects
+  better, position 100% vs 66% here, mostly at the corners.) Loading: ~2 s.
 * Sampling: CFG 2-4 is best here (7, sample.py's SDXL default, starts to cost kind and size accuracy); 10 Euler
   steps are as good as 30."""
 
