@@ -30,6 +30,7 @@ import csv
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -105,8 +106,8 @@ def train_lora(name, loss, beta, seed, out, args):
     argv = ["--images", os.path.join(world.CONCEPTS_DIR, name), "--model", args.model, "--output", out,
             "--loss", loss, "--beta", str(beta or 1000), "--steps", str(args.steps), "--rank", str(args.rank),
             "--lr", str(args.lr), "--ti-lr", str(args.ti_lr), "--resolution", str(world.SIZE),
-            "--token", c.token, "--init-word", c.init_word, "--seed", str(train_seed(name, seed)), "--checkpoint-every", "0",
-            "--sample-steps", "0", "--device", "cpu"]
+            "--token", c.token, "--init-word", c.init_word, "--seed", str(train_seed(name, seed)),
+            "--checkpoint-every", "0", "--sample-steps", "0", "--device", "cpu"]
     if loss == "db-prior":  # class images are made by the base model once per concept (cached in --class-dir)
         argv += ["--class-prompt", class_prompt(name), "--num-class-images", str(args.num_class_images),
                  "--class-dir", os.path.join(args.work, "class_images", args.digest, name), "--sample-steps",
@@ -189,7 +190,7 @@ def run_parallel(args):
     groups = [g for g in groups if g] + [[c] for c in args.concepts if not any(c in p for p in PAIRS)]
     jobs = [sum(groups[k::args.jobs], []) for k in range(min(args.jobs, len(groups)))]
     outs = [os.path.join(args.work, f"job{k}") for k in range(len(jobs))]
-    ctx = __import__("multiprocessing").get_context("fork")
+    ctx = multiprocessing.get_context("fork")  # workers inherit the loaded modules; no re-import per process
     t_start = time.time()
     procs = [ctx.Process(target=_worker, args=(replace_args(args, concepts=c, out=o, append=False, jobs=1),))
              for c, o in zip(jobs, outs)]
@@ -427,7 +428,7 @@ def report(args):
     panels = [pareto_panel(runs, k, f"{k}s: {names[k]}") for k in ("subject", "style") if names[k]]
     if names["subject"] and all(r.get("texture") for r in runs if r["kind"] == "subject"):
         # subject fidelity's texture part alone: what the LoRA learned, without the shape and colours it may cost
-        panels.insert(1, pareto_panel(runs, "subject", f"subjects: texture part only", "texture", "subject texture"))
+        panels.insert(1, pareto_panel(runs, "subject", "subjects: texture part only", "texture", "subject texture"))
     plot.side_by_side(panels).save(os.path.join(args.out, "tinyworld_pareto.png"))
     seeds = sorted({int(r["seed"]) for r in runs})
     lines = ["# Tiny-world experiments: results", "",
@@ -509,7 +510,8 @@ def report(args):
                   "half of training, over all timesteps and per timestep range (low t = little noise, fine detail; "
                   "high t = coarse layout and colour), then over concepts; ± std over seeds:", "",
                   "| method | implicit reward r | 2·sigmoid(−β·r), all t | "
-                  + " | ".join(f"t {lo}–{hi - 1}" for lo, hi in T_BINS) + " |", "|---|---|---|" + "---|" * len(T_BINS)]
+                  + " | ".join(f"t {lo}–{hi - 1}" for lo, hi in T_BINS) + " |",
+                  "|---|---|---|" + "---|" * len(T_BINS)]
         for m, st in gradient_left.items():
             lines.append(f"| {m} | {pm(st['r'])} | {pm(st['w'])} | "
                          + " | ".join(pm(st[f"w{lo}"]) if f"w{lo}" in st else "–" for lo, _ in T_BINS) + " |")
@@ -543,12 +545,13 @@ def parse_args(argv=None):
                    "train; the merge needs db and dco")
     p.add_argument("--betas", type=floats, default=floats("10,30,100,1000"), help="DCO's beta sweep")
     p.add_argument("--merge-betas", type=floats, default=floats("30,100"),
-                   help="the DCO LoRAs merged and shown in the sample figure (some of --betas)")
+                   help="the DCO LoRAs merged (some of --betas)")
     p.add_argument("--wcons", type=floats, default=floats("0,1,3"), help="0 = plain sampling with the LoRA")
     p.add_argument("--show-wcons", type=floats, default=floats("3"), help="w_con rows of the sample figure")
     p.add_argument("--show-betas", type=floats, default=floats("10,1000"), help="DCO rows of the sample figure")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--lr", type=float, default=5e-3, help="the LoRA's; chosen (with --steps) so that DreamBooth visibly learns every concept in plain sampling")
+    p.add_argument("--lr", type=float, default=5e-3, help="the LoRA's; chosen (with --steps) so that DreamBooth "
+                   "visibly learns every concept in plain sampling")
     p.add_argument("--ti-lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--num-class-images", type=int, default=20)
