@@ -122,8 +122,8 @@ NOTES = """* Image 32x32; VAE downsampling factor 2 (`2 ** (len(block_out_channe
 * These weights are a clean run of `python -m tinyworld.pretrain` (new --work folder; --out/--work change no
   weight) on this repo's 2-core machine, otherwise idle, on 2026-12-01: 25.5 min in all (VAE 2.7 min for 1,500
   steps at 0.11 s; UNet + text encoders 3,000 steps of 32 at ~0.45 s), 1 thread. The run is deterministic: two
-  clean runs of a shortened recipe gave bit-identical weights. (The model shipped before, made in a work folder
-  that kept its VAE and encoded data set from earlier runs, could not be reproduced this way: it placed objects
+  clean runs of a shortened recipe gave bit-identical weights. (The model shipped before, most likely made in a work
+  folder that kept its VAE and encoded data set from earlier runs, could not be reproduced this way: it placed objects
   better, position 100% vs 66% here, mostly at the corners.) Loading: ~2 s.
 * Sampling: CFG 2-4 is best here (7, sample.py's SDXL default, starts to cost kind and size accuracy); 10 Euler
   steps are as good as 30."""
