@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import bench
+from benchmarks import bench
 from unet_loader import UNet
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +31,8 @@ def table_rows(markdown):
 
 def test_quick_reports_every_cpu_row_with_a_ratio(tmp_path):
     out = tmp_path / "bench.md"
-    p = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick", "--device", "cpu", "--out", str(out)],
-                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--device", "cpu", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
     doc = out.read_text()
     rows = table_rows(doc)
@@ -47,7 +47,7 @@ def test_quick_reports_every_cpu_row_with_a_ratio(tmp_path):
             assert cells[6] in ("yes", "**no**"), key
     (e,) = [cells for key, cells in rows.items() if key[0] == "(e)"]
     assert "not yet measured on GPU" in e[2] and not re.search(r"\d+ ms", " ".join(e))  # never an estimate
-    assert "python bench.py --quick" in doc and "Where the time of row (b) goes" in doc
+    assert "python -m benchmarks.bench --quick" in doc and "Where the time of row (b) goes" in doc
     assert p.stdout.count("| (") == len(rows)  # the same table is printed
 
 

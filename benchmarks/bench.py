@@ -1,4 +1,4 @@
-"""Benchmarks, side by side in one run on whatever device is here:  python bench.py [--quick] [--compile]
+"""Benchmarks, side by side in one run on whatever device is here:  python -m benchmarks.bench [--quick] [--compile]
 
     (a) UNet forward and forward+backward: ours vs diffusers' UNet2DConditionModel, same config, weights, inputs.
     (b) a DCO training step vs a DreamBooth-LoRA step: train.py's own `train_step`, same everything.
@@ -7,7 +7,7 @@
     (e) CUDA only: the real-size SDXL DCO step at 1024^2 in bf16 (time, peak memory with and without gradient
         checkpointing, achieved TFLOP/s) and a 30-step consistency-guided 1024^2 sample.
 
-Prints a table and writes docs/benchmarks.md. Models are built with random weights (speed does not depend on the
+Prints a table; a full run writes docs/benchmarks.md (a --quick or --size run only prints, unless --out is given). Models are built with random weights (speed does not depend on the
 values): the real SDXL configs on CUDA, a "medium" SDXL-shaped family on CPU (see SIZES), a tiny one for --quick.
 Timing: the variants of a row run interleaved (A B, B A, ...) after warm-up; medians and the min-max spread are
 reported, and the ratio is the median of the per-round ratios. On a CPU running one thread (the default: per-core
@@ -30,15 +30,19 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python benchmarks/bench.py` as well as `python -m benchmarks.bench`
+    sys.path.insert(0, str(ROOT))
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from dco import add_noise, alphas_cumprod, diffusion_loss, sample_noise, sample_timesteps
-from lora import inject_lora, lora_modules, lora_parameters, lora_scale
-from sample import euler_schedule, guided_eps, sample_euler
-from text_encoder import CLIPTextModel, encode_prompt
-from train import train_step
-from unet_loader import UNet
-from vae import AutoencoderKL, latent_dist_sample
+from dco import add_noise, alphas_cumprod, diffusion_loss, sample_noise, sample_timesteps  # noqa: E402
+from lora import inject_lora, lora_modules, lora_parameters, lora_scale  # noqa: E402
+from sample import euler_schedule, guided_eps, sample_euler  # noqa: E402
+from text_encoder import CLIPTextModel, encode_prompt  # noqa: E402
+from train import train_step  # noqa: E402
+from unet_loader import UNet  # noqa: E402
+from vae import AutoencoderKL, latent_dist_sample  # noqa: E402
 
 GiB = 2 ** 30
 PHI = "phi forward (inference mode, LoRA off)"
@@ -182,7 +186,7 @@ def _proc_status(key) -> int:
 
 def peak_memory(fn, device, variant, args):
     """Peak memory of repeated `fn` calls after one warm-up call: CUDA's allocator peak in this process; on CPU the
-    peak resident set of a fresh `python bench.py --peak-of VARIANT` process (torch has no CPU allocator stats).
+    peak resident set of a fresh `python -m benchmarks.bench --peak-of VARIANT` process (torch has no CPU allocator stats).
     Returns (peak bytes, bytes held just before the measured calls)."""
     if device.type == "cuda":
         fn()
@@ -594,11 +598,11 @@ def write_report(path, res, args, device, elapsed):
                "sections below show where the time goes.")
     doc = f"""# Benchmarks
 
-Written by `bench.py` on {datetime.date.today().isoformat()}: {machine(device)}, torch {torch.__version__}, diffusers \
+Written by `benchmarks/bench.py` on {datetime.date.today().isoformat()}: {machine(device)}, torch {torch.__version__}, diffusers \
 {diffusers.__version__}, {args.threads} CPU thread(s){", torch.compile" if args.compile else ""}; the run took \
 {elapsed:.0f} s.
 
-    {" ".join(["python", os.path.basename(sys.argv[0])] + sys.argv[1:])}
+    {" ".join(["python -m benchmarks.bench"] + sys.argv[1:])}
 
 Models: size "{args.size}" with random weights (speed does not depend on their values): UNet widths \
 {u["block_out_channels"]}, transformer depths {u["transformer_layers_per_block"]}, {cfg["resolution"]}^2 images \
@@ -661,10 +665,12 @@ def main(argv=None):
     p.add_argument("--warmup", type=int)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable on a shared machine)")
     p.add_argument("--compile", action="store_true", help="torch.compile our UNet (and diffusers' in row a)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "benchmarks.md"))
+    p.add_argument("--out", help="markdown report (default: docs/benchmarks.md for a full run; a --quick or --size "
+                                 "run only prints, so it never overwrites the committed numbers)")
     p.add_argument("--peak-of", choices=["dco", "db"], help=argparse.SUPPRESS)  # internal: a CPU memory probe
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    partial = args.quick or args.size is not None
     args.size = args.size or ("tiny" if args.quick else "sdxl" if device.type == "cuda" else "medium")
     args.repeats = args.repeats or (3 if args.quick else 9)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -687,8 +693,12 @@ def main(argv=None):
                     "not yet measured on GPU" if device.type != "cuda" else "run on CUDA without --quick/--size")
     elapsed = time.perf_counter() - start
     print(res.table())
-    write_report(args.out, res, args, device, elapsed)
-    print(f"wrote {args.out} ({elapsed:.0f} s)")
+    out = args.out or (None if partial else ROOT / "docs" / "benchmarks.md")
+    if out:
+        write_report(out, res, args, device, elapsed)
+        print(f"wrote {out} ({elapsed:.0f} s)")
+    else:
+        print(f"done in {elapsed:.0f} s (not written: pass --out FILE to keep a quick or partial run's report)")
 
 
 if __name__ == "__main__":
