@@ -8,14 +8,14 @@ frozen pretrained model (the same UNet with LoRA scale 0).
 DreamBooth / plain fine-tuning minimises the diffusion loss
     l_theta = || eps_theta(x_t, c, t) - eps ||^2.                                                  (DB)
 DCO instead minimises (paper, Sec. 3)
-    L_DCO = -log sigmoid( -beta * ( l_theta - l_phi ) ),   l_phi = || eps_phi(x_t, c, t) - eps ||^2,
-i.e. theta is rewarded only for how much it *beats* the pretrained model on the same noisy input. The loss is
+    L_DCO = -log sigmoid( -beta * ( l_theta - l_phi ) ),   l_phi = || eps_phi(x_t, c_base, t) - eps ||^2,
+i.e. theta is rewarded only for how much it *beats* the pretrained model on the same noisy input. phi reads the
+caption in words it knows: c_base is c with each learned token replaced by its init word ("a photo of <dog>" ->
+"a photo of dog"); without a learned token c_base = c. The loss is
 the Diffusion-DPO / reward-model form with the pretrained model as the reference: the implicit reward
 r = l_phi - l_theta is pushed up, but the log-sigmoid saturates once theta is clearly better, so there is no
 incentive to drift further from phi than the concept needs -- that is the "consistency" of the title.
 """
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -79,8 +79,8 @@ def min_snr_weights(t, alphas_cumprod, gamma=5.0):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Losses. "||.||^2" is the mean over the latent's elements (an MSE), as in the official code: it is what makes
-# the paper's beta = 1000 the right scale.
+# Losses. "||.||^2" is the mean over the latent's elements (an MSE), as the official code (kyungmnlee/dco@164ae17
+# customize.py:937-938): it is what makes the paper's beta = 1000 the right scale.
 
 
 def per_sample_mse(pred, target):
@@ -94,20 +94,21 @@ def diffusion_loss(eps_pred, eps, weights=None):
     return (loss * weights).mean() if weights is not None else loss.mean()
 
 
-def prior_preservation_loss(eps_pred, eps, eps_pred_prior, eps_prior, prior_weight=1.0, weights=None, prior_weights=None):
+def prior_preservation_loss(eps_pred, eps, eps_pred_prior, eps_prior, prior_weight=1.0, weights=None):
     """DreamBooth with prior preservation (Ruiz et al. 2023, Eq. 2): the instance loss plus lambda times the same
     loss on images of the class that the *base* model generated, so the class word keeps its meaning."""
-    return diffusion_loss(eps_pred, eps, weights) + prior_weight * diffusion_loss(eps_pred_prior, eps_prior, prior_weights)
+    return diffusion_loss(eps_pred, eps, weights) + prior_weight * diffusion_loss(eps_pred_prior, eps_prior)
 
 
 def dco_loss(eps_theta, eps_phi, eps, beta=1000.0, weights=None, reduction="sample"):
     """The DCO loss (paper, Sec. 3): -log sigmoid(-beta * (l_theta - l_phi)).
 
     eps_theta: prediction of the fine-tuned model (with grad); eps_phi: the frozen pretrained model's prediction
-    on the same x_t, c, t (no grad); eps: the noise that made x_t. weights: optional per-sample weights
-    (e.g. min-SNR) applied to both errors.
+    on the same x_t and t with the base prompt c_base (no grad); eps: the noise that made x_t. weights: optional
+    per-sample weights (e.g. min-SNR) applied to both errors.
     reduction="sample" (the paper's form, as in Diffusion-DPO): log-sigmoid per sample, then the mean.
-    reduction="batch" (the official DCO code): average the errors over the batch first, one log-sigmoid.
+    reduction="batch" (the official code, kyungmnlee/dco@164ae17 customize.py:936-941): average the errors over
+    the batch first, then one log-sigmoid.
     The two agree for batch size 1.
 
     Returns (loss, implicit_reward) where implicit_reward = l_phi - l_theta per sample (detached): how much better
@@ -129,5 +130,3 @@ def dco_loss(eps_theta, eps_phi, eps, beta=1000.0, weights=None, reduction="samp
         raise ValueError(f"dco_loss: reduction must be 'sample' or 'batch', got {reduction!r}")
     return loss, (l_phi - l_theta).detach()
 
-
-LOG2 = math.log(2.0)  # the DCO loss at initialisation (theta = phi): -log sigmoid(0)

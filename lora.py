@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from files import KOHYA_FILE, PEFT_FILE, save_tensors  # noqa: F401 (the file names are part of this API)
 from single_file import sgm_unet_name
 
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' SDXL LoRA default: 560 modules
@@ -36,7 +36,6 @@ UNET_KOHYA = UNET_ATTN + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")  #
 TEXT_ATTN = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_ALL = TEXT_ATTN + ("fc1", "fc2")
 KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
-PEFT_FILE, KOHYA_FILE = "pytorch_lora_weights.safetensors", "lora_kohya.safetensors"
 
 
 class LoRALinear(nn.Linear):
@@ -58,7 +57,7 @@ class LoRALinear(nn.Linear):
         self.lora_up = nn.Linear(rank, self.out_features, **kw)
         nn.init.normal_(self.lora_down.weight, std=1.0 / rank)
         nn.init.zeros_(self.lora_up.weight)
-        self.scale = 1.0  # float, or per-sample LoRA on/off/strength: a list of floats or a (batch,) tensor
+        self.scale = 1.0  # float, or per-sample LoRA on/off/strength: a list of floats, one per row of the batch
         self.merged = None  # the multiplier baked into `weight` by merge(), else None
 
     def forward(self, x):
@@ -66,7 +65,7 @@ class LoRALinear(nn.Linear):
         scale = self.scale
         # Skip the branch, do not multiply it by 0: scale 0 must be bit-identical to the base model
         # (diffusers #4751 was a scale-0 LoRA that still changed outputs).
-        if self.merged is not None or (not torch.is_tensor(scale) and scale == 0):
+        if self.merged is not None or (not isinstance(scale, (list, tuple)) and scale == 0):
             return out
         # Under autocast the matmuls cast for themselves. Casting x here too (fp32 LoRA on a bf16 base) would make a
         # full-size copy of x per layer and keep it for the backward: three copies for q, k and v of one input.
@@ -84,12 +83,6 @@ class LoRALinear(nn.Linear):
                     out[start:stop] += self._branch(x[start:stop], s).to(out.dtype)
                 start = stop
             return out
-        if torch.is_tensor(scale):
-            if scale.shape != (x.shape[0],):
-                raise ValueError(f"LoRA scale tensor has shape {tuple(scale.shape)}, expected ({x.shape[0]},)")
-            h = self.lora_up(self.lora_down(self.lora_dropout(x)))
-            scale = scale.to(h).view(-1, *[1] * (h.dim() - 1))  # rows with 0 add exact zeros
-            return out + (h * (scale * self.alpha / self.rank)).to(out.dtype)
         return out + self._branch(x, scale).to(out.dtype)
 
     def _branch(self, x, scale):
@@ -242,20 +235,10 @@ def _check_metadata(metadata):
     return dict(metadata or {})
 
 
-def _save_atomic(path, tensors, metadata):
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a LoRA behind."""
+def _save(path, tensors, metadata):
     if not tensors:
         raise ValueError(f"nothing to save to {path}: no LoRA layers given (did you inject_lora?)")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", **metadata})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_tensors(path, tensors, {"format": "pt", **metadata})  # atomic: never half a LoRA
 
 
 def _file_path(path, default_name):
@@ -291,7 +274,7 @@ def save_lora_peft(path, components: dict, metadata=None):
             strip = "" if comp == "unet" else "text_model."  # transformers 5 CLIPTextModel has no text_model.
             config.update({f"{comp}.{k}": v for k, v in _peft_config(layers, strip).items()})
     meta = {**metadata, "lora_adapter_metadata": json.dumps(config, sort_keys=True)}
-    return _save_atomic(_file_path(path, PEFT_FILE), tensors, meta)
+    return _save(_file_path(path, PEFT_FILE), tensors, meta)
 
 
 def kohya_name(component, module, unet_config=None, sgm=True):
@@ -311,7 +294,7 @@ def save_lora_kohya(path, components: dict, unet_config=None, metadata=None):
             k = kohya_name(comp, name, unet_config)
             tensors.update({f"{k}.lora_down.weight": down, f"{k}.lora_up.weight": up,
                             f"{k}.alpha": torch.tensor(float(alpha))})
-    return _save_atomic(_file_path(path, KOHYA_FILE), tensors, metadata)
+    return _save(_file_path(path, KOHYA_FILE), tensors, metadata)
 
 
 _PAIRS = ((".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight"),

@@ -26,7 +26,6 @@ import csv
 import json
 import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -34,17 +33,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, atomic, find_lora_files, read_learned_tokens,
+                   save_tensors, write_json)
 from hub import CONFIG_FILES, download
-from lora import KOHYA_FILE, PEFT_FILE, _save_atomic, concat_loras, load_lora_file, save_lora_kohya, save_lora_peft
+from lora import concat_loras, load_lora_file, save_lora_kohya, save_lora_peft
 from sdxl import SDXL_BASE, load_sdxl, model_path, read_json
 from text_encoder import CLIPTextModel, normalize
 from unet_loader import UNet
 
-EMBEDS_FILE, MERGE_FILE = "learned_embeds.safetensors", "merge_config.json"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MERGE_FILE = "merge_config.json"
 
 
 @dataclass
@@ -63,19 +61,13 @@ class Source:
 
 def lora_files(path):
     """A trainer output folder or a LoRA file -> (LoRA file, learned_embeds file or None), found as sample.py does."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"LoRA {path}: no such file or folder")
-    folder = path if os.path.isdir(path) else None
-    if folder:
-        found = [os.path.join(path, f) for f in (PEFT_FILE, KOHYA_FILE) if os.path.isfile(os.path.join(path, f))]
-        if not found:
-            raise FileNotFoundError(f"LoRA {path}: the folder has no {PEFT_FILE} or {KOHYA_FILE}")
-        lora = found[0]
-    else:  # a trainer's file keeps its learned tokens beside it; any other file is a LoRA alone
-        lora = path
-        folder = os.path.dirname(path) if os.path.basename(path) in (PEFT_FILE, KOHYA_FILE) else None
-    embeds = os.path.join(folder, EMBEDS_FILE) if folder else None
-    return lora, (embeds if embeds and os.path.isfile(embeds) else None)
+    try:
+        lora, embeds = find_lora_files(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"LoRA {e}") from None
+    if lora is None:
+        raise FileNotFoundError(f"LoRA {path}: the folder has no {PEFT_FILE} or {KOHYA_FILE}")
+    return lora, embeds
 
 
 def read_header(path):
@@ -117,20 +109,6 @@ def base_skeleton(model):
                 "text_encoder_2": CLIPTextModel(configs["text_encoder_2"])}
 
 
-def read_embeds(path):
-    """learned_embeds.safetensors -> (rows {"clip_l", "clip_g"}, tokens, init words); 'token'/'init_word' metadata
-    are comma-separated lists, as train.py writes them and sample.py reads them."""
-    with safe_open(path, framework="pt") as f:
-        meta, embeds = f.metadata() or {}, {k: f.get_tensor(k).float() for k in f.keys()}
-    tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()]
-    words = [w.strip() for w in meta.get("init_word", "").split(",")]
-    for key in ("clip_l", "clip_g"):
-        if key not in embeds or embeds[key].dim() != 2 or embeds[key].shape[0] != len(tokens):
-            raise ValueError(f"{path}: expected a '{key}' tensor with one row per token of the 'token' metadata "
-                             f"{tokens}, got {tuple(embeds[key].shape) if key in embeds else 'none'}")
-    return embeds, tokens, (words if len(words) == len(tokens) else [""] * len(tokens))
-
-
 def read_source(path, skeleton=None) -> Source:
     lora, embeds_file = lora_files(path)
     keys, _ = read_header(lora)
@@ -139,7 +117,8 @@ def read_source(path, skeleton=None) -> Source:
         raise ValueError(f"{lora} is a kohya LoRA: its layer names need the base model's config, pass --model")
     modules = skeleton if kohya else None
     layers, metadata = load_lora_file(lora, modules, skeleton["unet"].config if modules else None)
-    embeds, tokens, words = read_embeds(embeds_file) if embeds_file else (None, [], [])
+    embeds, tokens, words = read_learned_tokens(embeds_file) if embeds_file else (None, [], [])
+    embeds = {k: v.float() for k, v in embeds.items()} if embeds else None
     return Source(path, layers, metadata, embeds, tokens, words)
 
 
@@ -239,27 +218,14 @@ def check_output(out):
 
 def save_merged(out, layers, embeds, metadata, unet_config):
     """Write the folder under a temporary name and rename it into place: it appears whole or not at all."""
-    out = os.path.normpath(out)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic(out) as tmp:
+        os.makedirs(tmp)
         save_lora_peft(tmp, layers, metadata)
         save_lora_kohya(tmp, layers, unet_config, metadata)
         if embeds is not None:
-            save_file(embeds, os.path.join(tmp, EMBEDS_FILE), metadata)
+            save_tensors(os.path.join(tmp, EMBEDS_FILE), embeds, metadata)
         config = {k: v for k, v in metadata.items() if k != "merged_from"}
-        with open(os.path.join(tmp, MERGE_FILE), "w") as f:
-            json.dump({**config, "merged_from": json.loads(metadata["merged_from"])}, f, indent=2)
-        if os.path.exists(out):  # an earlier merge (check_output): swap, then delete it
-            os.replace(out, tmp + ".old")
-            os.replace(tmp, out)
-            shutil.rmtree(tmp + ".old")
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(os.path.join(tmp, MERGE_FILE), {**config, "merged_from": json.loads(metadata["merged_from"])})
     return out
 
 
@@ -301,7 +267,7 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="f
         save_merged(output, layers, embeds, metadata, skeleton["unet"].config)
     if baked is not None:
         os.makedirs(os.path.dirname(into_base) or ".", exist_ok=True)
-        _save_atomic(into_base, baked, metadata)
+        save_tensors(into_base, baked, {"format": "pt", **metadata})
     return layers, embeds, metadata
 
 
@@ -375,16 +341,10 @@ def analyze(path_a, path_b, csv_path=None, model=None):
           f"up {mean['up_cos']:.4f}, down {mean['down_cos']:.4f} "
           f"(random directions: columns {mean['col_random']:.4f}, rows {mean['row_random']:.4f}); "
           f"{n_a + n_b - 2 * len(rows)} layer(s) in only one LoRA")
-    tmp = f"{csv_path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, csv_path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     print(f"wrote {csv_path}")
     return rows, mean
 

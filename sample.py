@@ -17,7 +17,8 @@ token replaced by its init word ("a dog ..."), and the empty condition (zero emb
 i.e. the pretrained model's CFG image of the plain prompt, pushed by w_con along what the LoRA adds for the concept.
 Small w_con keeps the prompt's style and composition, large w_con the subject's identity (the paper's trade-off
 figure: `--wcon 0,1,2,3,4`). All the predictions of a step come from ONE batched UNet call whose rows carry their
-own LoRA scale ([0, 0, 1] for [empty, c_base, c]); the official code makes two calls for one 1024x1024 image.
+own LoRA scale ([0, 0, 1] for [empty, c_base, c]); the official code makes two calls for one 1024x1024 image
+(kyungmnlee/dco@164ae17 reward_guidance.py:485-510).
 
 Same seed, same picture as diffusers: the starting noise is drawn exactly as StableDiffusionXLPipeline draws it with
 generator=torch.Generator("cpu").manual_seed(seed), and every default (schedule, micro-conditioning, empty negative
@@ -31,15 +32,13 @@ import sys
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
-from safetensors import safe_open
 from tqdm import tqdm
 
 from dco import alphas_cumprod
-from lora import KOHYA_FILE, PEFT_FILE, apply_lora, load_lora_file, lora_modules, lora_scale
+from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, find_lora_files, read_learned_tokens,
+                   save_image)
+from lora import apply_lora, load_lora_file, lora_modules, lora_scale
 from text_encoder import resize_token_embeddings
-
-EMBEDS_FILE = "learned_embeds.safetensors"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 # ----------------------------------------------------------------------------------------------------------
 # Samplers: pure functions of eps_fn(x_t, t) -> guided noise prediction. SDXL's defaults (diffusers, see
@@ -109,7 +108,7 @@ def _as_list(texts, n, what):
     return texts
 
 
-def conditioning(sd, prompts, negative_prompt=None, base_prompts=None, height=1024, width=1024, n=1, cfg=5.0,
+def conditioning(sd, prompts, *, negative_prompt=None, base_prompts=None, height=1024, width=1024, n=1, cfg=5.0,
                  wcon=0.0, lora_multiplier=1.0):
     """UNet inputs for every row of the step's batch: (context [G*B,77,2048], pooled [G*B,1280], time_ids [G*B,6],
     LoRA scale: a float, or a list of G*B floats when rows differ). B = len(prompts) * n images (prompt i's images
@@ -180,9 +179,14 @@ def guided_eps(unet, cond, cfg=5.0, wcon=0.0):
 
 # inference_mode, not just no_grad: no version counters or view tracking on the ~2,000 ops of each UNet call.
 @torch.inference_mode()
-def generate_latents(sd, prompts, negative_prompt=None, base_prompts=None, height=1024, width=1024, steps=30, cfg=5.0,
-                     wcon=0.0, sampler="euler", seed=0, n=1, lora_multiplier=1.0, device=None, progress=True):
-    """Final latents [len(prompts) * n, 4, height/8, width/8] (float32, before the VAE). See `generate`."""
+def generate_latents(sd, prompts, *, negative_prompt=None, base_prompts=None, height=1024, width=1024, steps=30,
+                     cfg=5.0, wcon=0.0, sampler="euler", seed=0, n=1, lora_multiplier=1.0, device=None, progress=True):
+    """Final latents [len(prompts) * n, 4, height/8, width/8] (float32, before the VAE).
+
+    cfg: classifier-free guidance weight (diffusers' default 5.0). wcon: consistency guidance weight; 0 = plain
+    sampling with the LoRA on. base_prompts: c_base for wcon > 0 (default: the prompts themselves).
+    negative_prompt: None = SDXL's zero embeddings. lora_multiplier: the LoRA scale of theta. seed: as diffusers'
+    generator=torch.Generator("cpu").manual_seed(seed)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if sd.scheduler.get("prediction_type", "epsilon") != "epsilon":
         raise ValueError(f"scheduler config: prediction_type {sd.scheduler['prediction_type']!r}; only epsilon "
@@ -194,7 +198,8 @@ def generate_latents(sd, prompts, negative_prompt=None, base_prompts=None, heigh
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise ValueError(f"--height/--width {height}x{width}: must be positive multiples of {multiple}")
     device = torch.device(device) if device is not None else next(sd.unet.parameters()).device
-    cond = conditioning(sd, prompts, negative_prompt, base_prompts, height, width, n, cfg, wcon, lora_multiplier)
+    cond = conditioning(sd, prompts, negative_prompt=negative_prompt, base_prompts=base_prompts, height=height,
+                        width=width, n=n, cfg=cfg, wcon=wcon, lora_multiplier=lora_multiplier)
     eps_fn = guided_eps(sd.unet, cond, cfg, wcon)
     # diffusers' prepare_latents with a CPU generator: one float32 draw for the whole batch, then to the device.
     shape = (len(prompts) * n, sd.unet.conv_in.in_channels, height // f, width // f)
@@ -222,17 +227,9 @@ def to_pil(images):
     return [Image.fromarray(a) for a in arrays]
 
 
-def generate(sd, prompts, negative_prompt=None, base_prompts=None, height=1024, width=1024, steps=30, cfg=5.0,
-             wcon=0.0, sampler="euler", seed=0, n=1, lora_multiplier=1.0, device=None, progress=True):
-    """len(prompts) * n PIL images (prompt i's n images together).
-
-    cfg: classifier-free guidance weight (diffusers' default 5.0). wcon: consistency guidance weight; 0 = plain
-    sampling with the LoRA on. base_prompts: c_base for wcon > 0 (default: the prompts themselves).
-    negative_prompt: None = SDXL's zero embeddings. lora_multiplier: the LoRA scale of theta. seed: as diffusers'
-    generator=torch.Generator("cpu").manual_seed(seed)."""
-    latents = generate_latents(sd, prompts, negative_prompt, base_prompts, height, width, steps, cfg, wcon, sampler,
-                               seed, n, lora_multiplier, device, progress)
-    return to_pil(decode(sd, latents))
+def generate(sd, prompts, **options):
+    """len(prompts) * n PIL images (prompt i's n images together); the options are generate_latents'."""
+    return to_pil(decode(sd, generate_latents(sd, prompts, **options)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -243,20 +240,12 @@ def add_learned_tokens(sd, path) -> dict:
     """Add the tokens of a learned_embeds.safetensors to both tokenizers and both embedding tables ('clip_l' rows
     [n, 768] for text_encoder, 'clip_g' [n, 1280] for text_encoder_2). Metadata 'token' and 'init_word' name them
     (comma-separated when several). Returns {token: init word or None}."""
-    with safe_open(path, framework="pt") as f:
-        meta, embeds = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()]
-    words = [w.strip() for w in meta.get("init_word", "").split(",")]
+    rows, tokens, words = read_learned_tokens(path)
     pairs = {"clip_l": (sd.tokenizer, sd.text_encoder), "clip_g": (sd.tokenizer_2, sd.text_encoder_2)}
     for key, (tok, te) in pairs.items():  # check everything before changing anything
         width = te.text_model.embeddings.token_embedding.embedding_dim
-        if key not in embeds:
-            raise ValueError(f"{path}: no '{key}' tensor (expected 'clip_l' and 'clip_g' rows)")
-        if embeds[key].dim() != 2 or embeds[key].shape[0] != len(tokens):
-            raise ValueError(f"{path}: '{key}' has shape {tuple(embeds[key].shape)} for {len(tokens)} token(s) "
-                             f"{tokens} in the 'token' metadata")
-        if embeds[key].shape[1] != width:
-            raise ValueError(f"{path}: '{key}' rows are {embeds[key].shape[1]} wide but the text encoder's are "
+        if rows[key].shape[1] != width:
+            raise ValueError(f"{path}: '{key}' rows are {rows[key].shape[1]} wide but the text encoder's are "
                              f"{width}: embeddings trained for another base model?")
         if any(t in tok.vocab for t in tokens):
             raise ValueError(f"{path}: token(s) {tokens} already in the vocabulary (the same LoRA given twice?)")
@@ -264,27 +253,22 @@ def add_learned_tokens(sd, path) -> dict:
         ids = tok.add_tokens(tokens)
         table = resize_token_embeddings(te, len(tok.vocab))
         with torch.no_grad():
-            table.weight[ids] = embeds[key].to(table.weight)
-    return {t: (words[i] or None) if len(words) == len(tokens) else None for i, t in enumerate(tokens)}
+            table.weight[ids] = rows[key].to(table.weight)
+    return {t: w or None for t, w in zip(tokens, words)}
 
 
 def load_lora(sd, path, weight=1.0) -> dict:
     """Apply a LoRA to `sd`: a trainer output folder (pytorch_lora_weights.safetensors or lora_kohya.safetensors,
     plus learned_embeds.safetensors) or a LoRA .safetensors file, its update scaled by `weight`. Several LoRAs add up
     exactly (lora.apply_lora stacks their ranks). Returns {learned token: init word}."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"--lora {path}: no such file or folder")
-    if os.path.isdir(path):
-        files = [f for f in (os.path.join(path, PEFT_FILE), os.path.join(path, KOHYA_FILE)) if os.path.isfile(f)][:1]
-        embeds = os.path.join(path, EMBEDS_FILE)
-    else:  # a trainer's file keeps its learned tokens beside it; any other file is a LoRA alone
-        files = [path]
-        embeds = os.path.join(os.path.dirname(path), EMBEDS_FILE) if os.path.basename(path) in (PEFT_FILE, KOHYA_FILE) else ""
-    embeds = embeds if os.path.isfile(embeds) else None
-    if not files and embeds is None:
+    try:
+        lora, embeds = find_lora_files(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--lora {e}") from None
+    if lora is None and embeds is None:
         raise FileNotFoundError(f"--lora {path}: the folder has no {PEFT_FILE}, {KOHYA_FILE} or {EMBEDS_FILE}")
     modules = {c: getattr(sd, c) for c in COMPONENTS}
-    states = [load_lora_file(f, modules, sd.unet.config)[0] for f in files]
+    states = [load_lora_file(lora, modules, sd.unet.config)[0]] if lora else []
     try:
         for state in states:
             for comp, layers in state.items():
@@ -322,15 +306,21 @@ def replace_tokens(prompt, tokens):
 
 
 def save_png(image, path, meta):
+    """The image with its settings as PNG text (prompt, w_con, seed, ...), atomically; the folder is made only now,
+    so a run that fails leaves no empty folder."""
     info = PngInfo()
     for key, value in meta.items():
         info.add_text(key, str(value))
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)  # only now: a run that fails leaves no empty folder
-    image.save(path, pnginfo=info)
+    save_image(image, path, info)
 
 
 def make_grid(rows, labels=None):
-    """A list of rows of equal-size images -> one image; with labels, each row gets its label in a strip on the left."""
+    """A list of rows of equal-size images -> one image; with labels, each row gets its label in a strip on the left.
+    Images under 64 px (the tiny model's 32x32) are enlarged to ~256 px, nearest neighbour: pixels stay pixels."""
+    side = max(rows[0][0].size)
+    k = 256 // side if side < 64 else 1
+    if k > 1:
+        rows = [[image.resize((image.width * k, image.height * k), Image.NEAREST) for image in row] for row in rows]
     w, h = rows[0][0].size
     font = ImageFont.load_default(size=max(10, h // 16))
     pad = 7 * font.size if labels else 0
@@ -342,6 +332,12 @@ def make_grid(rows, labels=None):
         if labels:
             draw.text((font.size // 2, r * h + h // 2), labels[r], fill="black", font=font, anchor="lm")
     return grid
+
+
+def wcon_label(wcon):
+    """A grid row's label. --wcon 0 samples with the LoRA on and plain CFG: "plain", not "w_con = 0" (in the paper's
+    formula, w_con = 0 would be the pretrained model alone)."""
+    return f"w_con = {wcon:g}" if wcon else "plain"
 
 
 def wcon_list(text):
@@ -370,7 +366,7 @@ def main(argv=None):
                    help="hub repo id, local diffusers folder, single-file .safetensors, or tiny")
     p.add_argument("--out", default="out.png", help="the image (--n 1), else the grid, with the images beside it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], help="UNet and text encoders (default: fp16 on "
+    p.add_argument("--dtype", choices=list(DTYPES), help="UNet and text encoders (default: fp16 on "
                                                                        "cuda, else fp32)")
     args = p.parse_args(argv)
     try:
@@ -394,8 +390,7 @@ def run(args):
         raise ValueError("--wcon > 0 needs a --lora: consistency guidance compares a LoRA model with the base model")
     if args.n < 1:
         raise ValueError(f"--n {args.n}: must be at least 1")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
-        args.dtype or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")]
     sd = load_sdxl(args.model, device=args.device, dtype=dtype)
     tokens = {}
     for path, weight in loras:
@@ -419,8 +414,9 @@ def run(args):
     ext = ext or ".png"
     rows = []
     for wcon in wcons:
-        images = generate(sd, [args.prompt], args.negative_prompt, base_prompt, args.height, args.width, args.steps,
-                          args.cfg, wcon, args.sampler, args.seed, args.n)
+        images = generate(sd, [args.prompt], negative_prompt=args.negative_prompt, base_prompts=base_prompt,
+                          height=args.height, width=args.width, steps=args.steps, cfg=args.cfg, wcon=wcon,
+                          sampler=args.sampler, seed=args.seed, n=args.n)
         rows.append(images)
         if len(wcons) == 1 and args.n == 1:
             save_png(images[0], stem + ext, {**meta, "wcon": f"{wcon:g}"})
@@ -429,7 +425,7 @@ def run(args):
         for i, image in enumerate(images):
             name = f"{stem}_wcon{wcon:g}_{i}{ext}" if len(wcons) > 1 else f"{stem}_{i}{ext}"
             save_png(image, name, {**meta, "wcon": f"{wcon:g}", "index": i})
-    labels = [f"w_con = {w:g}" for w in wcons] if len(wcons) > 1 else None
+    labels = [wcon_label(w) for w in wcons] if len(wcons) > 1 else None
     save_png(make_grid(rows, labels), stem + ext, {**meta, "wcon": ",".join(f"{w:g}" for w in wcons), "n": args.n})
     print(f"wrote {stem + ext} (grid) and {len(wcons) * args.n} images beside it")
 

@@ -6,23 +6,25 @@ pretrained model on your images while staying consistent with it (dco.py):
     L_DCO = -log sigmoid(-beta * (||eps_theta(x_t,c,t) - eps||^2 - ||eps_phi(x_t,c_base,t) - eps||^2))
 theta = UNet + LoRA with the prompt c ("a photo of <dog>"), phi = the same UNet with its LoRA switched off, with
 c_base ("a photo of dog"). `--loss db` is plain DreamBooth-LoRA and `--loss db-prior` DreamBooth with prior
-preservation, for comparison. Defaults are the official repo's (kyungmnlee/dco, customize.py): beta 1000,
-lr 5e-5, rank 32, alpha = rank, AdamW (weight decay 1e-4), grad clip 1.0, constant LR, 1024^2, batch 1.
+preservation, for comparison; `train(args, loss_fn=my_loss)` trains with a loss of your own (tutorial.ipynb).
+Defaults follow the official code, kyungmnlee/dco at commit 164ae17 ("customize.py:N" in comments = its file and
+line; flags at customize.py:91-130, the LoRA at :503-505): beta 1000, lr 5e-5, rank 32, alpha = rank, AdamW
+(weight decay 1e-4), grad clip 1.0, constant LR, 1024^2, batch 1.
 
-Read top to bottom: arguments -> data -> load model -> LoRA -> new tokens -> cache latents and text -> loop ->
-save. Everything lands in output/<name>/: pytorch_lora_weights.safetensors (diffusers), lora_kohya.safetensors
-(ComfyUI/A1111), learned_embeds.safetensors (new token rows: clip_l, clip_g), train_config.json, log.jsonl,
-samples/, checkpoint-<step>/ (what --resume continues from).
+Read train() top to bottom, in the paper's order: data -> model + LoRA + new tokens -> caches -> optimizer -> loop
+-> save. The run folder (config, log, checkpoints, --resume, the files written) is file plumbing, not the method:
+it lives in checkpoint.py.
 """
 import argparse
 import functools
 import hashlib
 import json
 import os
-import shutil
+import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,58 +32,64 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+import checkpoint
 from dco import (add_noise, alphas_cumprod, dco_loss, diffusion_loss, prior_preservation_loss, sample_noise,
                  sample_timesteps)
-from lora import (UNET_ATTN, inject_lora, load_lora_file, lora_modules, lora_parameters, lora_scale,
-                  save_lora_kohya, save_lora_peft)
+from files import DTYPES, save_image, write_json
+from lora import UNET_ATTN, inject_lora, lora_modules, lora_parameters, lora_scale
 from sample import generate
 from sdxl import SDXL_BASE, load_sdxl, native_resolution
 from text_encoder import init_token
 from vae import latent_dist_sample
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train a DCO LoRA (+ a new token) on SDXL.")
-    p.add_argument("--images", help="folder of training images; a caption per image in NAME.txt beside NAME.jpg")
-    p.add_argument("--config", help="the official repo's data config.json (images, prompts, base_prompts, ...)")
-    p.add_argument("--config-name", help="which entry of --config to train on")
-    p.add_argument("--model", default=SDXL_BASE, help="hub id, diffusers folder, single-file .safetensors, or tiny "
+    g = p.add_argument_group("data")
+    g.add_argument("--images", help="folder of training images; a caption per image in NAME.txt beside NAME.jpg")
+    g.add_argument("--config", help="the official repo's data config.json (images, prompts, base_prompts, ...)")
+    g.add_argument("--config-name", help="which entry of --config to train on")
+    g.add_argument("--token", help='new token to learn, e.g. "<dog>" (default: <folder name> if that is a word)')
+    g.add_argument("--init-word", help="existing one-token word the new token starts from, e.g. dog")
+    g.add_argument("--resolution", type=int, help="default: the model's own, 1024 for SDXL (32 for tiny)")
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--offset-noise", type=float, default=0.0, help="0.1 helps learn solid colours (styles)")
+    g = p.add_argument_group("model and output")
+    g.add_argument("--model", default=SDXL_BASE, help="hub id, diffusers folder, single-file .safetensors, or tiny "
                                                       "(the tiny SDXL of tinyworld/: a real run on a CPU)")
-    p.add_argument("--output", help="output folder (default: output/<images folder or config name>)")
-    p.add_argument("--loss", default="dco", choices=["dco", "db", "db-prior"])
-    p.add_argument("--beta", type=float, default=1000.0, help="DCO's beta (1000-2000 work in the paper)")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--rank", type=int, default=32)
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, LoRA scale 1)")
-    p.add_argument("--lr", type=float, default=5e-5)
-    p.add_argument("--ti-lr", type=float, default=5e-6, help="learning rate of the new token rows")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--resolution", type=int, help="default: the model's own, 1024 for SDXL (32 for tiny)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--token", help='new token to learn, e.g. "<dog>" (default: <folder name> if that is a word)')
-    p.add_argument("--init-word", help="existing one-token word the new token starts from, e.g. dog")
-    p.add_argument("--offset-noise", type=float, default=0.0, help="0.1 helps learn solid colours (styles)")
-    p.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"], help="default: bf16 on GPU, no on CPU")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU: faster steps after a "
+    g.add_argument("--output", help="output folder (default: output/<images folder or config name>)")
+    g.add_argument("--device", help="default: cuda if available, else cpu")
+    g = p.add_argument_group("the loss")
+    g.add_argument("--loss", default="dco", choices=["dco", "db", "db-prior"])
+    g.add_argument("--beta", type=float, default=1000.0, help="DCO's beta (1000-2000 work in the paper)")
+    g = p.add_argument_group("LoRA and optimisation")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--rank", type=int, default=32)
+    g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, LoRA scale 1)")
+    g.add_argument("--lr", type=float, default=5e-5)
+    g.add_argument("--ti-lr", type=float, default=5e-6, help="learning rate of the new token rows")
+    g.add_argument("--weight-decay", type=float, default=1e-4)
+    g.add_argument("--grad-clip", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("speed and memory")
+    g.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"], help="default: bf16 on GPU, no on CPU")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU: faster steps after a "
                                                           "minute or two of compiling)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500, help="0: no checkpoints")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--class-prompt", help='db-prior: prompt of the class images (default "a photo of a <init word>")')
-    p.add_argument("--num-class-images", type=int, default=100)
-    p.add_argument("--prior-weight", type=float, default=1.0)
-    p.add_argument("--class-dir", help="db-prior: cache of generated class images (default: <output>/class_images)")
-    p.add_argument("--sample-prompt", action="append", help="prompt of the sample images (repeatable)")
-    p.add_argument("--sample-steps", type=int, default=25, help="sampler steps of the sample images; 0: no samples")
+    g = p.add_argument_group("checkpoints and samples")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="0: no checkpoints")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    g.add_argument("--sample-prompt", action="append", help="prompt of the sample images (repeatable)")
+    g.add_argument("--sample-steps", type=int, default=25, help="sampler steps of the sample images; 0: no samples")
+    g = p.add_argument_group("db-prior (DreamBooth with prior preservation)")
+    g.add_argument("--class-prompt", help='prompt of the class images (default "a photo of a <init word>")')
+    g.add_argument("--num-class-images", type=int, default=100)
+    g.add_argument("--prior-weight", type=float, default=1.0)
+    g.add_argument("--class-dir", help="cache of generated class images (default: <output>/class_images)")
     args = p.parse_args(argv)
     if not (args.images or args.config):
         raise ValueError("pass --images DIR (or --config FILE --config-name NAME)")
@@ -174,7 +182,7 @@ def prepare_captions(name, captions, base, tokens, inits, tokenizer):
             raise ValueError(f"--init-word {w!r} is {len(tokenizer.encode(w))} CLIP tokens; pick a word that is one "
                              "token (e.g. dog, cat, toy, person)")
     captions = [c if c is not None else f"a photo of {' '.join(tokens)}" for c in captions]
-    if tokens and base is None:  # phi reads the caption in words it knows, <dog> -> dog (paper, official code)
+    if tokens and base is None:  # phi reads the caption in words it knows, <dog> -> dog (official: customize.py:255)
         base = list(captions)
         for tok, w in zip(tokens, inits):
             base = [b.replace(tok, w) for b in base]
@@ -186,7 +194,7 @@ class NewTokens(nn.Module):
 
     Only the new rows are a Parameter (fp32, for AdamW), so no other row can change -- not even by weight decay --
     and no gradient or optimizer state exists for the other 49,408 rows. (The official code trains the whole
-    table and copies the old rows back after every step.)"""
+    table and copies the old rows back after every step: customize.py:223-227.)"""
 
     def __init__(self, table: nn.Embedding, ids: list[int]):
         super().__init__()
@@ -206,12 +214,12 @@ class NewTokens(nn.Module):
 
     @torch.no_grad()
     def rescale(self):
-        """Back to the init word's norm after every step, as the official code: the row may only turn."""
+        """Back to the init word's norm after every step (official: customize.py:234): the row may only turn."""
         self.rows.copy_(F.normalize(self.rows, dim=-1) * self.norms[:, None])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Randomness, files, checkpoints
+# Caches and batches
 
 def rng(*key):
     """A CPU generator seeded by a key like (seed, "step", 12): every draw of a step is a pure function of
@@ -225,64 +233,98 @@ def batch_indices(step, batch_size, n, seed):
     return torch.stack([torch.randperm(n, generator=rng(seed, "epoch", k // n))[k % n] for k in ks])
 
 
-@contextmanager
-def atomic(path):
-    """Yield a temp name beside `path`, renamed to `path` when the block succeeds: never a half-written file."""
-    tmp = f"{path}.tmp"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path, obj):
-    with atomic(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def save_lora(folder, unet, embeds, meta):
-    """pytorch_lora_weights.safetensors (+ learned_embeds.safetensors, as the official repo: {"clip_l": [k,768],
-    "clip_g": [k,1280]}, which diffusers' load_textual_inversion takes one encoder at a time)."""
-    save_lora_peft(folder, {"unet": unet}, meta)
-    if embeds:
-        with atomic(os.path.join(folder, "learned_embeds.safetensors")) as tmp:
-            save_file({"clip_l": embeds[0].rows.detach().cpu(), "clip_g": embeds[1].rows.detach().cpu()}, tmp, meta)
-
-
-def save_checkpoint(path, unet, embeds, opt, scaler, step, meta):
-    """LoRA + token rows + AdamW state: tensors in safetensors, scalars in json (no pickle anywhere)."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_lora(tmp, unet, embeds, meta)
-    state = opt.state_dict()["state"]
-    tensors = {f"{i}.{k}": v.cpu() for i, s in state.items() for k, v in s.items()}  # "3.exp_avg", "3.step", ...
-    save_file(tensors, os.path.join(tmp, "optimizer.safetensors"))
-    write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "scaler": scaler.state_dict()})
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)  # the checkpoint appears whole or not at all
-
-
 @torch.no_grad()
-def load_checkpoint(path, unet, embeds, opt, scaler):
-    layers = load_lora_file(os.path.join(path, "pytorch_lora_weights.safetensors"))[0]["unet"]
-    for name, m in lora_modules(unet).items():
-        m.lora_down.weight.copy_(layers[name][0])
-        m.lora_up.weight.copy_(layers[name][1])
-    if embeds:
-        rows = load_file(os.path.join(path, "learned_embeds.safetensors"))
-        embeds[0].rows.copy_(rows["clip_l"])
-        embeds[1].rows.copy_(rows["clip_g"])
-    state = {}
-    for key, v in load_file(os.path.join(path, "optimizer.safetensors")).items():
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})  # lr etc. from args
-    trainer = json.loads(Path(path, "trainer_state.json").read_text())
-    scaler.load_state_dict(trainer["scaler"])
-    return trainer["step"]
+def encode_images(vae, images):
+    """Each image through the VAE once -> (means, logvars) of its latent Gaussian, fp32 on the CPU. A fresh latent
+    is drawn from it every step: the same distribution as encoding every step (the official code,
+    customize.py:844), at none of the cost. One image at a time: the VAE's activations at 1024^2 take GBs."""
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    stats = [vae.encode((x[None].float() / 127.5 - 1).to(device, dtype)) for x in images]
+    return torch.cat([m.float().cpu() for m, _ in stats]), torch.cat([v.float().cpu() for _, v in stats])
+
+
+def encode_prompts(sd, prompts, amp):
+    """(context [n,77,2048], pooled [n,1280]), one prompt at a time and under autocast as the per-step encoding of
+    theta's prompts: then at step 0 theta's conditioning (<dog>) equals phi's (dog) bit for bit, and the first DCO
+    loss is exactly log 2."""
+    with torch.no_grad(), amp():
+        cond = [sd.encode_prompt([prompt]) for prompt in prompts]
+    return torch.cat([c for c, _ in cond]), torch.cat([p for _, p in cond])
+
+
+@dataclass
+class Batch:
+    """One step's inputs: noisy latents x_t, the noise eps in them, timesteps t, SDXL's micro-conditioning, and the
+    (context, pooled) conditioning of theta's prompts c and of phi's base prompts c_base (None: no phi, DreamBooth)."""
+    xt: torch.Tensor
+    eps: torch.Tensor
+    t: torch.Tensor
+    time_ids: torch.Tensor
+    cond: tuple
+    base_cond: tuple | None
+
+
+def get_batch(step, data, sd, args, amp):
+    """A step's batch, a pure function of (seed, step): x_0 drawn from the cached latent Gaussians, eps and t fresh.
+    With new tokens theta's captions are encoded again every step, so the gradient reaches the token rows."""
+    g = rng(args.seed, "step", step)
+    idx = batch_indices(step, args.batch_size, data.n, args.seed)
+    if data.prior is not None:  # db-prior: + B class images in the same forward
+        idx = torch.cat([idx, data.n + torch.randint(len(data.means) - data.n, (args.batch_size,), generator=g)])
+    x0 = latent_dist_sample(data.means[idx], data.logvars[idx], g) * sd.vae.scaling_factor
+    eps = sample_noise(x0, args.offset_noise, g)
+    t = sample_timesteps(len(idx), len(data.alphas_cumprod), generator=g)
+    xt, eps, t = add_noise(x0, eps, t, data.alphas_cumprod).to(data.device), eps.to(data.device), t.to(data.device)
+    inst = idx[:args.batch_size]
+    base_cond = data.base_ctx[inst], data.base_pooled[inst]
+    cond = base_cond
+    if data.embeds:
+        with amp():
+            cond = sd.encode_prompt([data.captions[i] for i in inst])
+    if data.prior is not None:
+        cond = torch.cat([cond[0], data.prior[0]]), torch.cat([cond[1], data.prior[1]])
+    return Batch(xt, eps, t, data.time_ids[idx], cond, base_cond if args.loss == "dco" else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The losses train() can use: loss_fn(eps_theta, eps_phi, eps, beta) -> (loss, implicit reward per sample or None)
+
+def db_loss(eps_theta, eps_phi, eps, beta=None):
+    """DreamBooth-LoRA: the plain diffusion loss (phi and beta unused)."""
+    return diffusion_loss(eps_theta, eps), None
+
+
+def db_prior_loss(eps_theta, eps_phi, eps, beta=None, prior_weight=1.0):
+    """DreamBooth with prior preservation: the batch is [instance images; as many class images]."""
+    B = len(eps) // 2
+    return prior_preservation_loss(eps_theta[:B], eps[:B], eps_theta[B:], eps[B:], prior_weight), None
+
+
+LOSSES = {"dco": dco_loss, "db": db_loss, "db-prior": db_prior_loss}
+
+
+def prior_class(sd, args, out, images, name, inits):
+    """db-prior: add the class images to `images` and return the class prompt (None for the other losses). They are
+    made by the base model, so before any LoRA or new token exists."""
+    if args.loss != "db-prior":
+        return None
+    prompt = args.class_prompt or f"a photo of a {inits[0] if inits else name}"
+    images += [load_image(p, args.resolution) for p in class_images(sd, args, out, prompt)]
+    return prompt
+
+
+def class_images(sd, args, out, prompt):
+    """db-prior: the base model's own images of the class, generated once and cached as PNGs."""
+    folder = args.class_dir or os.path.join(out, "class_images")
+    os.makedirs(folder, exist_ok=True)
+    info, info_path = {"prompt": prompt, "model": args.model, "resolution": args.resolution}, Path(folder, "info.json")
+    if info_path.is_file() and json.loads(info_path.read_text()) != info:
+        raise ValueError(f"{folder} holds class images of another prompt/model/resolution; pass another --class-dir")
+    write_json(info_path, info)
+    paths = [os.path.join(folder, f"{i:04d}.png") for i in range(args.num_class_images)]
+    for i in tqdm([i for i, p in enumerate(paths) if not os.path.exists(p)], desc="class images"):
+        save_image(generate_images(sd, [prompt], args, seed=args.seed + i)[0], paths[i])
+    return paths
 
 
 def generate_images(sd, prompts, args, seed):
@@ -296,116 +338,167 @@ def generate_images(sd, prompts, args, seed):
     return images
 
 
-def class_images(sd, args, out, prompt):
-    """db-prior: the base model's own images of the class, generated once and cached as PNGs."""
-    folder = args.class_dir or os.path.join(out, "class_images")
-    os.makedirs(folder, exist_ok=True)
-    info, info_path = {"prompt": prompt, "model": args.model, "resolution": args.resolution}, Path(folder, "info.json")
-    if info_path.is_file() and json.loads(info_path.read_text()) != info:
-        raise ValueError(f"{folder} holds class images of another prompt/model/resolution; pass another --class-dir")
-    write_json(info_path, info)
-    paths = [os.path.join(folder, f"{i:04d}.png") for i in range(args.num_class_images)]
-    for i in tqdm([i for i, p in enumerate(paths) if not os.path.exists(p)], desc="class images"):
-        (img,) = generate_images(sd, [prompt], args, seed=args.seed + i)
-        with atomic(paths[i]) as tmp:
-            img.save(tmp, format="PNG")
-    return paths
+def save_samples(sd, args, out, step, captions, tokens):
+    prompts = args.sample_prompt or [captions[0]] + [f"a {t} playing saxophone in sticker style" for t in tokens[:1]]
+    for i, image in enumerate(generate_images(sd, prompts, args, seed=args.seed)):
+        save_image(image, os.path.join(out, "samples", f"step{step:06d}-{i}.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The step and the loop
 
-def train_step(unet, opt, scaler, xt, eps, t, time_ids, cond, base_cond=None, loss="dco", beta=1000.0,
-               prior_weight=1.0, grad_clip=1.0, amp=nullcontext):
-    """One optimisation step -> (loss, implicit reward per sample or None). bench.py times exactly this.
+def train_step(unet, opt, scaler, batch, loss_fn, grad_clip=1.0, amp=nullcontext):
+    """One optimisation step on a Batch -> (loss, implicit reward per sample or None). bench.py times exactly this.
 
-    xt, eps, t, time_ids: noisy latents, the noise in them, their timesteps and micro-conditioning; cond =
-    (context, pooled) of theta's prompts, base_cond = phi's (DCO only). For db-prior the second half of the batch is
-    the class images. The gradients reach every parameter of `opt` (LoRA, new token rows through `cond`)."""
-    if loss == "dco":
+    loss_fn(eps_theta, eps_phi, eps) -> (loss, reward). The gradients reach every parameter of `opt` (the LoRA, and
+    the new token rows through batch.cond)."""
+    eps_phi = None
+    if batch.base_cond is not None:
         # phi = the pretrained model = this same UNet with its LoRA switched off (bit-identical to the base):
         # no second copy of SDXL. Without autograd it keeps no activations, so DCO costs one more forward but about
         # DreamBooth's peak memory. It runs first, so its temporaries are freed before theta's pile up.
-        # inference_mode rather than no_grad: no version counters or view tracking, ~3% off this forward on CPU.
+        # inference_mode rather than no_grad: no version counters or view tracking (cheaper).
         with torch.inference_mode(), lora_scale(unet, 0.0), amp():
-            eps_phi = unet(xt, t, *base_cond, time_ids)
+            eps_phi = unet(batch.xt, batch.t, *batch.base_cond, batch.time_ids)
     with amp():
-        eps_theta = unet(xt, t, *cond, time_ids)
-    reward = None
-    if loss == "dco":
-        value, reward = dco_loss(eps_theta, eps_phi, eps, beta)
-    elif loss == "db":
-        value = diffusion_loss(eps_theta, eps)
-    else:
-        B = len(xt) // 2
-        value = prior_preservation_loss(eps_theta[:B], eps[:B], eps_theta[B:], eps[B:], prior_weight)
-
-    scaler.scale(value).backward()
+        eps_theta = unet(batch.xt, batch.t, *batch.cond, batch.time_ids)
+    loss, reward = loss_fn(eps_theta, eps_phi, batch.eps)
+    scaler.scale(loss).backward()
     scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], grad_clip)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return value, reward
+    return loss, reward
 
 
-def train(args):
+@dataclass
+class TrainData:
+    """What the loop draws from: the cached latent Gaussians and micro-conditioning of the n images (+ class
+    images), theta's captions, phi's encoded base prompts, and for db-prior the encoded class prompt."""
+    n: int
+    means: torch.Tensor
+    logvars: torch.Tensor
+    time_ids: torch.Tensor
+    captions: list
+    base_ctx: torch.Tensor
+    base_pooled: torch.Tensor
+    prior: tuple | None
+    embeds: list
+    alphas_cumprod: torch.Tensor
+    device: torch.device
+
+
+def train(args, loss_fn=None):
+    """Train a LoRA (+ new token rows) as `args` say. loss_fn(eps_theta, eps_phi, eps, beta) -> (loss, reward)
+    replaces the loss of --loss (the default, DCO, is dco.dco_loss); phi is computed for every loss but db/db-prior."""
+    # --- data: images, captions, and phi's base prompts ("<dog>" -> "dog")
     name, paths, captions, base_prompts, tokens, inits = read_data(args)
     images = [load_image(p, args.resolution) for p in paths]  # every image is read now: bad files fail early
     out = args.output or os.path.join("output", name)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mp = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
-    dtype = DTYPES[mp]
+    dtype = DTYPES["fp32" if mp == "no" else mp]
+    amp = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=mp != "no")
+    loss_fn = functools.partial(loss_fn or LOSSES[args.loss], beta=args.beta,
+                                **({"prior_weight": args.prior_weight} if args.loss == "db-prior" else {}))
 
     # --- the model: UNet and text encoders in the training dtype, the VAE in fp32 (see sdxl.py)
     sd = load_sdxl(args.model, device=device, dtype=dtype)
-    unet = sd.unet
     captions, base_prompts, tokens, inits = prepare_captions(name, captions, base_prompts, tokens, inits, sd.tokenizer)
-    factor = 2 ** (len(sd.vae.config["block_out_channels"]) - 1) * 2 ** (len(unet.down_blocks) - 1)
+    check_model_fits(sd, args, paths, captions, tokens)
+    config = {**vars(args), "name": name, "output": out, "device": str(device), "mixed_precision": mp,
+              "alpha": args.alpha or float(args.rank), "tokens": tokens, "init_words": inits,
+              "images": paths, "captions": captions, "base_prompts": base_prompts}
+    resume_from = checkpoint.check_run_folder(out, config, args.resume, args.steps)  # before anything is written
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, checkpoint.CONFIG_FILE), config)
+    meta = lora_metadata(args, config)
+    class_prompt = prior_class(sd, args, out, images, name, inits)  # db-prior: base-model class images, + images
+
+    # --- LoRA on the UNet's attention projections: peft's gaussian init, alpha = rank (official: customize.py:503)
+    torch.manual_seed(args.seed)
+    inject_lora(sd.unet, rank=args.rank, alpha=args.alpha, targets=UNET_ATTN)
+    for m in lora_modules(sd.unet).values():  # trainable weights in fp32 (AdamW steps of 5e-5 vanish in bf16) ...
+        m.lora_down.float(), m.lora_up.float()  # ... not m.float(): the frozen base weight must stay bf16
+    sd.unet.gradient_checkpointing = args.gradient_checkpointing
+    sd.unet.train()
+    if args.compile:  # in place: lora_scale() and the checkpoint code still see the same module objects
+        sd.unet.compile()
+    embeds = add_new_tokens(sd, tokens, inits)  # textual inversion: trainable rows in both text encoders
+
+    # --- caches: each image through the VAE once, the fixed prompts through the text encoders once
+    means, logvars = encode_images(sd.vae, [x for x, _ in images])
+    sd.vae.to("cpu")  # not needed again until sampling
+    base_ctx, base_pooled = encode_prompts(sd, base_prompts or captions, amp)
+    prior = None
+    if class_prompt:  # one batch of B copies: the class half of every db-prior batch
+        with torch.no_grad(), amp():
+            prior = sd.encode_prompt([class_prompt] * args.batch_size)
+    data = TrainData(n=len(paths), means=means, logvars=logvars, captions=captions, base_ctx=base_ctx,
+                     base_pooled=base_pooled, prior=prior, embeds=embeds, alphas_cumprod=alphas_cumprod(sd.scheduler),
+                     time_ids=torch.stack([t for _, t in images]).float().to(device), device=device)
+
+    # --- AdamW on the LoRA (lr) and the new token rows (ti-lr), constant learning rate
+    lora_params, ti_params = lora_parameters(sd.unet), [e.rows for e in embeds]
+    groups = [{"params": lora_params, "lr": args.lr}] + ([{"params": ti_params, "lr": args.ti_lr}] if embeds else [])
+    # On CUDA the fused kernel updates all ~1,100 LoRA tensors at once instead of a dozen kernels per tensor.
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")  # fp16 gradients underflow without it
+    start = 0
+    if resume_from:
+        start = checkpoint.load_checkpoint(resume_from, sd.unet, embeds, opt, scaler)
+        checkpoint.truncate_log(out, start)
+        print(f"resuming from {resume_from}")
+
+    # --- the loop
+    print(f"{len(paths)} images, new tokens {tokens}, {sum(p.numel() for p in lora_params + ti_params):,} trainable "
+          f"parameters, loss {args.loss}, {mp} on {device} -> {out}/")
+    bar, times = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train"), []
+    for step in bar:
+        t0 = time.perf_counter()
+        batch = get_batch(step, data, sd, args, amp)
+        loss, reward = train_step(sd.unet, opt, scaler, batch, loss_fn, grad_clip=args.grad_clip, amp=amp)
+        for e in embeds:
+            e.rescale()
+        times.append(time.perf_counter() - t0)
+        record = log_record(step, loss, reward, batch.t[:args.batch_size], opt, times[-1])
+        checkpoint.append_log(out, record)
+        bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "implicit_reward") if k in record})
+        done = step + 1
+        if done == args.steps or (args.checkpoint_every and done % args.checkpoint_every == 0):
+            if args.checkpoint_every:
+                checkpoint.save_checkpoint(os.path.join(out, f"checkpoint-{done}"), sd.unet, embeds, opt, scaler,
+                                           done, meta)
+            if args.sample_steps:
+                save_samples(sd, args, out, done, captions, tokens)
+
+    # --- the LoRA in both formats, the new token rows
+    checkpoint.save_final(out, sd.unet, embeds, meta)
+    print_resources(times, device)
+    return {"sd": sd, "out": out, "embeds": embeds}
+
+
+def lora_metadata(args, config):
+    """The safetensors metadata of every LoRA file written: the recipe, and the learned tokens for sample.py."""
+    return {"base_model": args.model, "rank": str(args.rank), "alpha": str(config["alpha"]), "loss": args.loss,
+            "beta": str(args.beta), "steps": str(args.steps), "resolution": str(args.resolution),
+            "token": ",".join(config["tokens"]), "init_word": ",".join(config["init_words"])}
+
+
+def check_model_fits(sd, args, paths, captions, tokens):
+    factor = 2 ** (len(sd.vae.config["block_out_channels"]) - 1) * 2 ** (len(sd.unet.down_blocks) - 1)
     if args.resolution % factor:
         raise ValueError(f"--resolution {args.resolution}: must be a multiple of {factor} for this model "
                          "(VAE and UNet downsampling)")
     for p, c in zip(paths, captions):
         if tokens and not any(t in c for t in tokens):
             print(f"warning: the caption of {p} has no {' or '.join(tokens)}: {c!r}", file=sys.stderr)
-    config = {**vars(args), "name": name, "output": out, "device": str(device), "mixed_precision": mp,
-              "alpha": args.alpha or float(args.rank), "tokens": tokens, "init_words": inits,
-              "images": paths, "captions": captions, "base_prompts": base_prompts}
-    ckpts = sorted((int(d[11:]), d) for d in os.listdir(out) if d.startswith("checkpoint-") and d[11:].isdigit()) \
-        if os.path.isdir(out) else []
-    config_path = Path(out, "train_config.json")
-    if not args.resume and config_path.exists():
-        raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or another --output "
-                         "(or delete it)")
-    if args.resume:  # everything is checked before anything is written
-        if not ckpts:
-            raise ValueError(f"--resume: no checkpoint-<step> folder in {out}")
-        if ckpts[-1][0] >= args.steps:
-            raise ValueError(f"--resume: {out}/{ckpts[-1][1]} already has {ckpts[-1][0]} steps; raise --steps")
-        old = json.loads(config_path.read_text()) if config_path.exists() else config
-        for k in ("model", "loss", "rank", "alpha", "resolution", "batch_size", "seed", "tokens", "captions"):
-            if old.get(k) != config[k]:
-                raise ValueError(f"--resume: {k} was {old.get(k)!r} in {out}, now {config[k]!r}; it must not change")
-    os.makedirs(out, exist_ok=True)
-    write_json(config_path, config)
-    meta = {"base_model": args.model, "rank": str(args.rank), "alpha": str(config["alpha"]), "loss": args.loss,
-            "beta": str(args.beta), "steps": str(args.steps), "resolution": str(args.resolution),
-            "token": ",".join(tokens), "init_word": ",".join(inits)}  # sample.py reads these two
 
-    if args.loss == "db-prior":  # made by the base model, so before any LoRA or new token exists
-        class_prompt = args.class_prompt or f"a photo of a {inits[0] if inits else name}"
-        images += [load_image(p, args.resolution) for p in class_images(sd, args, out, class_prompt)]
 
-    # --- LoRA on the UNet's attention projections, as the official code (peft, gaussian init, alpha = rank)
-    torch.manual_seed(args.seed)
-    inject_lora(unet, rank=args.rank, alpha=args.alpha, targets=UNET_ATTN)
-    for m in lora_modules(unet).values():  # trainable weights in fp32 (AdamW steps of 5e-5 vanish in bf16) ...
-        m.lora_down.float(), m.lora_up.float()  # ... not m.float(): the frozen base weight must stay bf16
-    unet.gradient_checkpointing = args.gradient_checkpointing
-    unet.train()
-    if args.compile:  # in place: lora_scale() and the checkpoint code still see the same module objects
-        unet.compile()
-
-    # --- textual inversion: the same new token in both encoders, starting as a copy of the init word's row
+def add_new_tokens(sd, tokens, inits):
+    """Textual inversion: the same new tokens in both encoders, each starting as a copy of its init word's row."""
     embeds = []
     for tok, te in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
         ids = [init_token(tok, te, t, w) for t, w in zip(tokens, inits)]
@@ -413,102 +506,35 @@ def train(args):
             emb = te.text_model.embeddings
             emb.token_embedding = NewTokens(emb.token_embedding, ids)
             embeds.append(emb.token_embedding)
+    return embeds
 
-    # --- cache. Each image goes through the VAE once; we keep its Gaussian (mean, logvar) and draw a fresh latent
-    # from it every step: the same distribution as encoding every step (the official code), at none of the cost.
-    amp = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=mp != "no")
-    means, logvars = [], []
-    with torch.no_grad():
-        for x, _ in images:  # one at a time: the VAE's activations at 1024^2 take GBs
-            mean, logvar = sd.vae.encode((x[None].float() / 127.5 - 1).to(device, next(sd.vae.parameters()).dtype))
-            means.append(mean.float().cpu())
-            logvars.append(logvar.float().cpu())
-    means, logvars = torch.cat(means), torch.cat(logvars)
-    time_ids = torch.stack([t for _, t in images]).float().to(device)
-    sd.vae.to("cpu")  # not needed again until sampling
-    # Fixed prompts are encoded once. With new tokens, theta's prompts are re-encoded every step (the gradient
-    # reaches the new rows through the text encoders); phi's base prompts never change.
-    n, B = len(paths), args.batch_size
-    with torch.no_grad(), amp():
-        # One prompt at a time and under autocast, as the per-step encoding (batch size 1): then at step 0 theta's
-        # conditioning (<dog>) equals phi's (dog) bit for bit and the first DCO loss is exactly log 2.
-        cond = [sd.encode_prompt([prompt]) for prompt in base_prompts or captions]
-        base_ctx, base_pooled = torch.cat([c for c, _ in cond]), torch.cat([p for _, p in cond])
-        if args.loss == "db-prior":
-            class_ctx, class_pooled = sd.encode_prompt([class_prompt] * B)
 
-    # --- AdamW on the LoRA (lr) and the new token rows (ti-lr), constant learning rate
-    lora_params, ti_params = lora_parameters(unet), [e.rows for e in embeds]
-    params = lora_params + ti_params
-    groups = [{"params": lora_params, "lr": args.lr}] + ([{"params": ti_params, "lr": args.ti_lr}] if embeds else [])
-    # On CUDA the fused kernel updates all ~1,100 LoRA tensors at once instead of a dozen kernels per tensor.
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")  # fp16 gradients underflow without it
-    acp = alphas_cumprod(sd.scheduler)
-    log_path = os.path.join(out, "log.jsonl")
-    start = 0
-    if args.resume:
-        start = load_checkpoint(os.path.join(out, ckpts[-1][1]), unet, embeds, opt, scaler)
-        lines = Path(log_path).read_text().splitlines() if os.path.exists(log_path) else []
-        with atomic(log_path) as tmp, open(tmp, "w") as f:  # drop steps logged after the checkpoint
-            f.writelines(line + "\n" for line in lines if json.loads(line)["step"] < start)
-        print(f"resuming from {out}/{ckpts[-1][1]}")
+def log_record(step, loss, reward, t, opt, seconds):
+    record = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "t": t.tolist()}
+    if reward is not None:  # per sample too: DCO's gradient weight 2 sigmoid(-beta r) depends on t (see README)
+        record["implicit_reward"] = reward.mean().item()
+        record["implicit_rewards"] = reward.tolist()
+    record["time"] = seconds
+    return record
 
-    def samples(step):
-        if args.sample_steps:
-            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-            prompts = args.sample_prompt or [captions[0]] + [f"a {t} playing saxophone in sticker style"
-                                                             for t in tokens[:1]]
-            for i, img in enumerate(generate_images(sd, prompts, args, seed=args.seed)):
-                with atomic(os.path.join(out, "samples", f"step{step:06d}-{i}.png")) as tmp:
-                    img.save(tmp, format="PNG")
 
-    print(f"{n} images, new tokens {tokens}, {sum(p.numel() for p in params):,} trainable parameters, loss "
-          f"{args.loss}, {mp} on {device} -> {out}/")
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
-    for step in bar:
-        t0 = time.perf_counter()
-        g = rng(args.seed, "step", step)
-        idx = batch_indices(step, B, n, args.seed)
-        if args.loss == "db-prior":  # + B class images, in the same forward
-            idx = torch.cat([idx, n + torch.randint(len(images) - n, (B,), generator=g)])
-        x0 = latent_dist_sample(means[idx], logvars[idx], g) * sd.vae.scaling_factor
-        eps = sample_noise(x0, args.offset_noise, g)
-        t = sample_timesteps(len(idx), len(acp), generator=g)
-        xt, eps, t = add_noise(x0, eps, t, acp).to(device), eps.to(device), t.to(device)
-        inst = idx[:B]
-        ctx, pooled = base_ctx[inst], base_pooled[inst]
-        if embeds:
-            with amp():
-                ctx, pooled = sd.encode_prompt([captions[i] for i in inst])
-        if args.loss == "db-prior":
-            ctx, pooled = torch.cat([ctx, class_ctx]), torch.cat([pooled, class_pooled])
+def peak_memory(device):
+    """Peak memory of this process so far, in bytes: the CUDA allocator's peak on a GPU, the peak resident set on a
+    CPU (Linux VmHWM; 0 where /proc is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
 
-        loss, reward = train_step(unet, opt, scaler, xt, eps, t, time_ids[idx], (ctx, pooled),
-                                  (base_ctx[inst], base_pooled[inst]), args.loss, args.beta, args.prior_weight,
-                                  args.grad_clip, amp)
-        for e in embeds:
-            e.rescale()
 
-        rec = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "t": t[:B].tolist()}
-        if reward is not None:  # per sample too: DCO's gradient weight 2 sigmoid(-beta r) depends on t (see README)
-            rec["implicit_reward"] = reward.mean().item()
-            rec["implicit_rewards"] = reward.tolist()
-        rec["time"] = time.perf_counter() - t0
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        bar.set_postfix({k: f"{rec[k]:.4g}" for k in ("loss", "implicit_reward") if k in rec})
-        done = step + 1
-        if done == args.steps or (args.checkpoint_every and done % args.checkpoint_every == 0):
-            if args.checkpoint_every:
-                save_checkpoint(os.path.join(out, f"checkpoint-{done}"), unet, embeds, opt, scaler, done, meta)
-            samples(done)
-
-    # --- the LoRA in both formats, the new token rows
-    save_lora(out, unet, embeds, meta)
-    save_lora_kohya(out, {"unet": unet}, unet.config, meta)
-    return {"sd": sd, "out": out, "embeds": embeds}
+def print_resources(times, device):
+    if times:
+        what = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+        print(f"median {statistics.median(times):.3g} s/step over {len(times)} steps; peak memory "
+              f"{peak_memory(device) / 2 ** 30:.2f} GiB ({what})")
 
 
 def main(argv=None):

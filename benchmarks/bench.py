@@ -36,11 +36,11 @@ if str(ROOT) not in sys.path:  # `python benchmarks/bench.py` as well as `python
     sys.path.insert(0, str(ROOT))
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from dco import add_noise, alphas_cumprod, diffusion_loss, sample_noise, sample_timesteps  # noqa: E402
+from dco import add_noise, alphas_cumprod, dco_loss, diffusion_loss, sample_noise, sample_timesteps  # noqa: E402
 from lora import inject_lora, lora_modules, lora_parameters, lora_scale  # noqa: E402
 from sample import euler_schedule, guided_eps, sample_euler  # noqa: E402
 from text_encoder import CLIPTextModel, encode_prompt  # noqa: E402
-from train import train_step  # noqa: E402
+from train import Batch, db_loss, train_step  # noqa: E402
 from unet_loader import UNet  # noqa: E402
 from vae import AutoencoderKL, latent_dist_sample  # noqa: E402
 
@@ -244,8 +244,9 @@ def training_setup(cfg, device, dtype, unet=None):
     t = torch.tensor([500], device=device)
     xt = add_noise(x0, eps, t, alphas_cumprod().to(device))
     cond = (ctx.to(dtype), pooled.to(dtype))
-    steps = {"dco": lambda: train_step(unet, opt, scaler, xt, eps, t, time_ids, cond, cond, "dco", amp=amp),
-             "db": lambda: train_step(unet, opt, scaler, xt, eps, t, time_ids, cond, None, "db", amp=amp)}
+    dco, db = functools.partial(dco_loss, beta=1000.0), db_loss
+    steps = {"dco": lambda: train_step(unet, opt, scaler, Batch(xt, eps, t, time_ids, cond, cond), dco, amp=amp),
+             "db": lambda: train_step(unet, opt, scaler, Batch(xt, eps, t, time_ids, cond, None), db, amp=amp)}
     return steps | {"unet": unet, "opt": opt, "scaler": scaler, "amp": amp, "batch": (xt, eps, t, time_ids, cond)}
 
 
@@ -454,7 +455,8 @@ def row_d(cfg, device, dtype, args, res, steps, unet_flops):
     def step(x0, cond, base_cond):
         eps = sample_noise(x0)
         t = sample_timesteps(1, device=device)
-        train_step(unet, opt, scaler, add_noise(x0, eps, t, acp), eps, t, time_ids, cond, base_cond, "dco", amp=amp)
+        batch = Batch(add_noise(x0, eps, t, acp), eps, t, time_ids, cond, base_cond)
+        train_step(unet, opt, scaler, batch, functools.partial(dco_loss, beta=1000.0), amp=amp)
 
     def ours():
         step(latent_dist_sample(mean, logvar) * vae.scaling_factor, cond, cond)

@@ -372,7 +372,7 @@ def test_missing_repo_is_one_clear_line(other_repos):
 def test_select_sharded_weights():
     repo = CONFIGS + [f"unet/{f}" for f in sharded("diffusion_pytorch_model", "fp16", 3) + sharded("diffusion_pytorch_model", None, 5)]
     repo += [f"vae/{f}" for f in sharded("diffusion_pytorch_model", None, 2)]  # sharded, no fp16 variant
-    repo += [f"text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"]
+    repo += ["text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"]
     repo += [f"text_encoder_2/{f}" for f in sharded("model", "fp16", 2) + ["model.safetensors"]]
     chosen = select_hub_files(repo, "fp16")
     assert sorted(chosen) == sorted(

@@ -175,8 +175,9 @@ def test_consistency_guidance_one_call_equals_official_two_calls(fresh, loras):
     base = [sample.replace_tokens(p, tokens) for p in prompts]
     assert base == ["a dog on the beach", "a dog in the snow"]
     n, cfg, wcon, m = 2, 5.0, 3.0, 0.8
-    eps_fn = sample.guided_eps(fresh.unet, sample.conditioning(fresh, prompts, None, base, H, W, n, cfg, wcon, m),
-                               cfg, wcon)
+    cond = sample.conditioning(fresh, prompts, base_prompts=base, height=H, width=W, n=n, cfg=cfg, wcon=wcon,
+                               lora_multiplier=m)
+    eps_fn = sample.guided_eps(fresh.unet, cond, cfg, wcon)
 
     # The official pipeline's form: one call for [empty, c_base] with the LoRA off, one for [c] with it on.
     tes = (fresh.text_encoder, fresh.text_encoder_2)
@@ -226,8 +227,9 @@ def test_consistency_guidance_equals_three_separate_unbatched_calls(fresh, loras
     prompts = ["a <dog> on the beach", "a <dog> in the snow"]
     base = [sample.replace_tokens(p, tokens) for p in prompts]
     n, cfg, wcon, m = 2, 5.0, 3.0, 0.8
-    eps_fn = sample.guided_eps(fresh.unet, sample.conditioning(fresh, prompts, None, base, H, W, n, cfg, wcon, m),
-                               cfg, wcon)
+    cond = sample.conditioning(fresh, prompts, base_prompts=base, height=H, width=W, n=n, cfg=cfg, wcon=wcon,
+                               lora_multiplier=m)
+    eps_fn = sample.guided_eps(fresh.unet, cond, cfg, wcon)
     ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=torch.float32)
 
     def encode(prompt, scale):
@@ -423,8 +425,8 @@ def test_cli_one_image_with_metadata(tiny_sdxl, tmp_path, fresh, loras):
     assert meta["model"] == str(tiny_sdxl[0]) and meta["lora"] == f"{folder}:1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]
     sample.load_lora(fresh, folder)  # the same image through the Python API
-    (want,) = sample.generate(fresh, ["a <dog> on the beach"], None, "a dog on the beach", 64, 64, 2, 7.5, 2.0,
-                              progress=False)
+    (want,) = sample.generate(fresh, ["a <dog> on the beach"], base_prompts="a dog on the beach", height=64, width=64,
+                              steps=2, cfg=7.5, wcon=2.0, progress=False)
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(want))
 
 
@@ -503,3 +505,12 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tiny_sdxl, tmp_path, loras
     assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg  # a str exit code: status 1
     assert want in msg
     assert not (tmp_path / "new").exists()
+
+
+def test_grid_labels_and_tiny_images_enlarged():
+    assert [sample.wcon_label(w) for w in (0.0, 1.0, 2.5)] == ["plain", "w_con = 1", "w_con = 2.5"]
+    tile = Image.new("RGB", (32, 32), (255, 0, 0))
+    tile.putpixel((0, 0), (0, 0, 255))
+    grid = sample.make_grid([[tile, tile]])  # 32 px (the tiny model's): x8, nearest neighbour
+    assert grid.size == (512, 256) and grid.getpixel((7, 7)) == (0, 0, 255) and grid.getpixel((8, 8)) == (255, 0, 0)
+    assert sample.make_grid([[Image.new("RGB", (64, 64))]]).size == (64, 64)  # real sizes are left alone

@@ -48,11 +48,11 @@ def argv(images, model, out, *extra):
             "--resolution", "64", "--device", "cpu", "--sample-steps", "0", *extra]
 
 
-def run(*args):
+def run(*args, loss_fn=None):
     """train.train in this process (a subprocess would re-import torch); stderr captured."""
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        result = train.train(train.parse_args(list(args)))
+        result = train.train(train.parse_args(list(args)), loss_fn=loss_fn)
     return result, err.getvalue()
 
 
@@ -208,6 +208,22 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bit_identical(tiny_sdxl, tmp_
         assert (unet(*x) - before).abs().max() > 1e-3
 
 
+def test_a_custom_loss_fn_is_the_one_trained_with(tiny_sdxl, tmp_path):
+    """train(args, loss_fn=f): f gets (eps_theta, eps_phi, eps, beta) every step, and its value is what is optimised
+    and logged -- the notebook's "modify the loss" exercise, without patching module globals."""
+    calls = []
+
+    def half_dco(eps_theta, eps_phi, eps, beta):
+        calls.append((eps_theta.shape, eps_phi is not None, beta))
+        loss, reward = train.dco_loss(eps_theta, eps_phi, eps, beta)
+        return 0.5 * loss, reward
+
+    run(*argv(make_images(tmp_path / "dog"), tiny_sdxl[0], tmp_path / "out"), "--steps", "3", "--beta", "7",
+        "--checkpoint-every", "0", loss_fn=half_dco)
+    assert len(calls) == 3 and all(phi and beta == 7.0 for _, phi, beta in calls)
+    assert read_log(tmp_path / "out")[0]["loss"] == torch.tensor(0.5 * math.log(2.0)).item()
+
+
 def test_dco_keeps_one_copy_of_the_unet(tiny_sdxl, tmp_path, monkeypatch):
     """phi is the same UNet with its LoRA off. Checked while training (inside the DCO loss of step 0): one UNet object
     was made, its parameters are the base weights plus the LoRA, each in its own storage, and no other live tensor
@@ -226,9 +242,8 @@ def test_dco_keeps_one_copy_of_the_unet(tiny_sdxl, tmp_path, monkeypatch):
         return dco_loss(*args, **kwargs)
 
     dco_loss = train.dco_loss
-    monkeypatch.setattr(train, "dco_loss", spy)
     result, _ = run(*argv(make_images(tmp_path / "dog"), tiny_sdxl[0], tmp_path / "out"), "--steps", "1",
-                    "--checkpoint-every", "0")
+                    "--checkpoint-every", "0", loss_fn=spy)
     assert seen, "the DCO loss was never computed"
     (unet,) = seen["unets"]  # exactly one UNet object exists during training ...
     assert unet is result["sd"].unet

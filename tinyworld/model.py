@@ -25,7 +25,7 @@ from collections import Counter
 import torch
 from safetensors.torch import save_file
 
-from text_encoder import CLIPTextModel, CLIPTokenizer, bytes_to_unicode
+from text_encoder import CLIPTextModel, bytes_to_unicode
 from unet_loader import UNet
 from vae import AutoencoderKL
 

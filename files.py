@@ -1,0 +1,108 @@
+"""File plumbing shared by train.py, sample.py and merge.py: the product layer, not the paper.
+
+One atomic writer for every output (a crash, Ctrl-C or a full disk never leaves half a file where a good one was),
+the names of a trainer's output files, finding the LoRA files of a trainer folder, and reading learned tokens.
+"""
+import json
+import os
+import shutil
+from contextlib import contextmanager
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+PEFT_FILE = "pytorch_lora_weights.safetensors"  # diffusers / PEFT names (load_lora_weights)
+KOHYA_FILE = "lora_kohya.safetensors"  # kohya names (ComfyUI, A1111, sd-scripts)
+EMBEDS_FILE = "learned_embeds.safetensors"  # the learned token rows: {"clip_l": [n, 768], "clip_g": [n, 1280]}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the parts of SDXL a LoRA can touch
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic(path):
+    """Yield a temporary name beside `path` (a file or a folder); when the block succeeds it replaces `path` in one
+    rename, so readers see the old output or the new one, never half of one. On any failure (including Ctrl-C) the
+    temporary is removed and `path` is untouched. Files get the usual permissions (0666 minus the umask)."""
+    path = os.path.normpath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    _remove(tmp)
+    try:
+        yield tmp
+        if os.path.isfile(tmp):
+            os.chmod(tmp, 0o666 & ~_umask())  # some writers create 0600 files; others must be able to read them
+        if os.path.isdir(path) and os.path.isdir(tmp):  # a folder cannot be renamed over a non-empty one: swap
+            os.replace(path, tmp + ".old")
+            os.replace(tmp, path)
+            shutil.rmtree(tmp + ".old", ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        _remove(tmp)
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def write_json(path, obj):
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def save_tensors(path, tensors, metadata=None):
+    """A .safetensors file, atomically; tensors are moved to the CPU and made contiguous first."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+    return path
+
+
+def save_image(image, path, pnginfo=None):
+    """A PIL image as PNG, atomically (a full disk leaves the previous file, not a truncated one)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with atomic(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=pnginfo)
+    return path
+
+
+def find_lora_files(path):
+    """A trainer output folder or a LoRA file -> (LoRA file or None, learned_embeds file or None).
+
+    A folder gives its diffusers file (else its kohya file) and its learned tokens; a trainer's own file gives the
+    learned tokens beside it; any other .safetensors is a LoRA alone."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if os.path.isdir(path):
+        found = [os.path.join(path, f) for f in (PEFT_FILE, KOHYA_FILE) if os.path.isfile(os.path.join(path, f))]
+        lora, folder = (found[0] if found else None), path
+    else:
+        lora = path
+        folder = os.path.dirname(path) if os.path.basename(path) in (PEFT_FILE, KOHYA_FILE) else None
+    embeds = os.path.join(folder, EMBEDS_FILE) if folder else None
+    return lora, (embeds if embeds and os.path.isfile(embeds) else None)
+
+
+def read_learned_tokens(path):
+    """learned_embeds.safetensors -> (rows {"clip_l": [n, 768], "clip_g": [n, 1280]}, tokens, init words).
+
+    The 'token' and 'init_word' metadata are comma-separated lists, as train.py and merge.py write them; an init
+    word is "" where unknown."""
+    with safe_open(path, framework="pt") as f:
+        meta, rows = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()]
+    words = [w.strip() for w in meta.get("init_word", "").split(",")]
+    for key in ("clip_l", "clip_g"):
+        if key not in rows or rows[key].dim() != 2 or rows[key].shape[0] != len(tokens):
+            raise ValueError(f"{path}: expected a '{key}' tensor with one row per token of the 'token' metadata "
+                             f"{tokens}, got {tuple(rows[key].shape) if key in rows else 'none'}")
+    return rows, tokens, (words if len(words) == len(tokens) else [""] * len(tokens))
