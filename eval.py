@@ -243,7 +243,8 @@ def score(scorer, samples, reference_dir, text=True):
     ref_emb = scorer.dino_embed(refs)
     img_sim = (scorer.dino_embed(paths) @ ref_emb.T).mean(1)
     if text:
-        txt_sim = (scorer.siglip_image_embed(paths) * scorer.siglip_text_embed([i["prompt"] for _, i in samples])).sum(1)
+        prompts = [info["prompt"] for _, info in samples]
+        txt_sim = (scorer.siglip_image_embed(paths) * scorer.siglip_text_embed(prompts)).sum(1)
     rows = []
     for k, (path, info) in enumerate(samples):
         rows.append(dict(file=path, image_similarity=img_sim[k].item(),

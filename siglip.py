@@ -363,7 +363,8 @@ class MultiheadAttention(nn.Module):
     def __init__(self, dim, n_heads):
         super().__init__()
         self.n_heads = n_heads
-        self.in_proj_weight, self.in_proj_bias = nn.Parameter(torch.empty(3 * dim, dim)), nn.Parameter(torch.empty(3 * dim))
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * dim))
         self.out_proj = nn.Linear(dim, dim)
 
     def forward(self, query, x):

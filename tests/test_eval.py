@@ -60,7 +60,8 @@ def scorers(tmp_path_factory):
     siglip.save_pretrained(root / "siglip")
     (root / "siglip" / "preprocessor_config.json").write_text(json.dumps(SIGLIP_PRE, indent=2))
     write_siglip_tokenizer_folder(root / "siglip")
-    return dict(dino=(root / "dino", dino), siglip=(root / "siglip", siglip, HFSiglipTokenizer.from_pretrained(root / "siglip")))
+    tokenizer = HFSiglipTokenizer.from_pretrained(root / "siglip")
+    return dict(dino=(root / "dino", dino), siglip=(root / "siglip", siglip, tokenizer))
 
 
 @torch.no_grad()
@@ -99,7 +100,7 @@ def test_siglip_parity(scorers):
 def test_preprocessing_matches_transformers(scorers, tmp_path):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(32, 32), (50, 77), (91, 60)]]
-    images.append(Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8), "RGBA"))
+    images.append(Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8), "RGBA"))  # onto white
     for folder, hf_cls in [(scorers["dino"][0], BitImageProcessorPil), (scorers["siglip"][0], SiglipImageProcessorPil)]:
         hf, ours = hf_cls.from_pretrained(folder), ev.read_preprocessor(folder, "test")
         for im in images:
@@ -211,3 +212,27 @@ def test_bad_inputs_one_line(scorers, tmp_path):
 def test_config_errors():
     with pytest.raises(ValueError, match="not 'dinov2'"):
         Dinov2(dict(model_type="dinov2_with_registers"))
+
+
+def test_sample_py_records_method_and_base_prompt(tiny_sdxl, tmp_path):
+    """eval.py's inputs: sample.py writes the LoRA's training loss as 'method', and the base prompt also at w_con 0."""
+    import sample
+    from lora import save_lora_peft
+    from safetensors.torch import save_file
+    from sdxl import load_sdxl
+
+    unet = load_sdxl(str(tiny_sdxl[0])).unet
+    name, linear = next((n, m) for n, m in unet.named_modules() if n.endswith("attn1.to_k"))
+    layers = {name: (torch.zeros(1, linear.in_features), torch.zeros(linear.out_features, 1), 1.0)}
+    save_lora_peft(tmp_path / "lora", {"unet": layers}, {"loss": "db-prior"})
+    embeds = {"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 32)}
+    save_file(embeds, str(tmp_path / "lora" / "learned_embeds.safetensors"), {"token": "<dog>", "init_word": "dog"})
+    assert sample.lora_method(str(tmp_path / "lora")) == "db-prior"
+    assert sample.lora_method(str(tmp_path / "lora" / "learned_embeds.safetensors")) is None
+    sample.main(["--model", str(tiny_sdxl[0]), "--device", "cpu", "--steps", "1", "--height", "64", "--width", "64",
+                 "--lora", str(tmp_path / "lora"), "--prompt", "a <dog> on the beach", "--wcon", "0", "--n", "1",
+                 "--out", str(tmp_path / "x.png")])
+    with Image.open(tmp_path / "x.png") as im:
+        meta = im.text
+    assert (meta["method"], meta["base_prompt"], meta["wcon"]) == ("db-prior", "a dog on the beach", "0")
+    assert ev.sample_info(str(tmp_path / "x.png"), str(tmp_path))["prompt"] == "a dog on the beach"

@@ -11,10 +11,11 @@ from siglip_spm import WORDS, captions, write_siglip_tokenizer_folder
 # Prompts the captions above do not cover: NFKC folding (full-width letters, ligatures, circled digits, decomposed
 # accents), characters the vocabulary lacks (-> <unk>, runs merged), punctuation, odd whitespace, truncation.
 EDGE_CASES = [
-    "", " ", "▁", "a ▁ dog", "  A   PHOTO\tof\na Dog  ", "ｆｕｌｌ－ｗｉｄｔｈ ｄｏｇ", "ﬁne ﬂuffy cat", "① ② ③ dogs",
-    "cafe\u0301 nai\u0308ve", "a 🐶 on the 🏖️ beach", "一只狗 in the snow", "dog!!!??? ...", "a <dog> in style",
-    "«quoted» “curly” ‘single’ — dash", "x" * 80, "dog " * 100, "ÀÉÎÕÜ ÿ ß", "\u00a0non\u2003breaking\u2009spaces",
-    "tab\tsep", "Zürich Straße", "sks dog", "α β γ δ", "a photo of a dog.", "A PHOTO OF A DOG", "3.14 2,000 50%",
+    "", " ", "▁", "a ▁ dog", "  A   PHOTO\tof\na Dog  ", "ｆｕｌｌ－ｗｉｄｔｈ ｄｏｇ", "ﬁne ﬂuffy cat",
+    "① ② ③ dogs", "cafe\u0301 nai\u0308ve", "a 🐶 on the 🏖️ beach", "一只狗 in the snow", "dog!!!??? ...",
+    "a <dog> in style", "«quoted» “curly” ‘single’ — dash", "x" * 80, "dog " * 100, "ÀÉÎÕÜ ÿ ß",
+    "\u00a0non\u2003breaking\u2009spaces", "tab\tsep", "Zürich Straße", "sks dog", "α β γ δ", "a photo of a dog.",
+    "A PHOTO OF A DOG", "3.14 2,000 50%",
 ]
 
 
