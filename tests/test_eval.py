@@ -236,3 +236,18 @@ def test_sample_py_records_method_and_base_prompt(tiny_sdxl, tmp_path):
         meta = im.text
     assert (meta["method"], meta["base_prompt"], meta["wcon"]) == ("db-prior", "a dog on the beach", "0")
     assert ev.sample_info(str(tmp_path / "x.png"), str(tmp_path))["prompt"] == "a dog on the beach"
+
+
+def test_hub_ids_download_only_what_is_needed(monkeypatch, tmp_path):
+    """A hub id goes through hub.download (the HF cache, as for SDXL) with the scorer's files only; a folder is used
+    as is; a path that is not a folder is one clear error, never a hub lookup."""
+    import hub
+
+    calls = []
+    monkeypatch.setattr(hub, "download", lambda repo, patterns=None: calls.append((repo, patterns)) or str(tmp_path))
+    assert ev.resolve("facebook/dinov2-large", "--dino") == str(tmp_path)
+    assert calls == [("facebook/dinov2-large", ev.HUB_FILES)]
+    assert all(not f.endswith((".bin", ".pt", ".pth", ".msgpack", ".h5")) for f in ev.HUB_FILES)
+    assert ev.resolve(str(tmp_path), "--dino") == str(tmp_path) and len(calls) == 1
+    with pytest.raises(FileNotFoundError, match="--siglip ./nope: not a folder"):
+        ev.resolve("./nope", "--siglip")
