@@ -4,7 +4,7 @@ DINOv2 (Oquab et al. 2023, arXiv:2304.07193) is a ViT trained by self-distillati
 puts two photos of the same object close together whatever the background or pose, which is why DreamBooth-style
 papers (and DCO, §5) score subject and style fidelity as the cosine of DINO embeddings of a sample and a reference.
 
-    model = load_dinov2("facebook/dinov2-large")      # or a local folder in the hub layout
+    model = load_dinov2(folder)     # a hub-layout folder (eval.py fetches hub ids such as facebook/dinov2-large)
     emb = model(pixels)                                # [B, C]: the CLS state after the final LayerNorm
 
 The ViT: 14x14 patches (a strided conv), a learned CLS token, learned position embeddings for the pretraining grid

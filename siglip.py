@@ -4,7 +4,7 @@ SigLIP (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", arXiv:
 transformers trained with a per-pair sigmoid loss instead of CLIP's batch softmax. DCO (§5) scores how well a sample
 follows its prompt as the cosine of SigLIP's image and text embeddings.
 
-    model, tokenizer = load_siglip("google/siglip-so400m-patch14-384")   # or a local folder in the hub layout
+    model, tokenizer = load_siglip(folder)      # a hub-layout folder (eval.py fetches hub ids into the HF cache)
     text = model.text_model(tokenizer(["a dog on the beach"]))          # [B, D]
     image = model.vision_model(pixels)                                  # [B, D]
 
@@ -228,8 +228,10 @@ class SiglipTokenizer:
             if os.path.isfile(os.path.join(path, name)):
                 with open(os.path.join(path, name)) as f:
                     config.update(json.load(f))
-        token = lambda key, default: (config.get(key) or {}).get("content", default) if isinstance(  # noqa: E731
-            config.get(key), dict) else config.get(key, default)
+        def token(key, default):  # a plain string, or an AddedToken dict {"content": ...}
+            value = config.get(key, default)
+            return value["content"] if isinstance(value, dict) else value
+
         return cls(read_spiece_model(os.path.join(path, "spiece.model")), token("eos_token", "</s>"),
                    token("pad_token", "</s>"), token("unk_token", "<unk>"), config.get("model_max_length", 64),
                    config.get("do_lower_case", True))
@@ -457,5 +459,7 @@ def load_siglip(folder, device="cpu", dtype=torch.float32) -> tuple[Siglip, Sigl
             raise FileNotFoundError(f"{path} is missing: a SigLIP folder needs config.json and model.safetensors")
     with open(config_path) as f:
         model = Siglip(json.load(f))
-    model.load_state_dict(load_file(weights), strict=True)
+    # position_ids: a constant arange buffer some older files carry; not a weight, our model has none.
+    state = {k: v for k, v in load_file(weights).items() if not k.endswith("position_ids")}
+    model.load_state_dict(state, strict=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False), SiglipTokenizer.from_folder(folder)
