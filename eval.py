@@ -313,7 +313,7 @@ def pareto_plot(means, level, path, title=""):
         series.append(plot.Series("reference photos (leave-one-out)", [(min(xs), level), (max(xs), level)],
                                   color=(127, 127, 127), dashed=True))
     img = plot.lines(series, xlabel="image-text similarity (SigLIP)", ylabel="image similarity (DINOv2)",
-                     title=title or "w_con sweep")
+                     title=title or "mean per method and w_con (points labelled by w_con)")
     _atomic(path, img.save)
 
 

@@ -99,7 +99,8 @@ def test_siglip_parity(scorers):
 
 def test_preprocessing_matches_transformers(scorers, tmp_path):
     rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(32, 32), (50, 77), (91, 60)]]
+    sizes = [(32, 32), (50, 77), (91, 60)]  # square, wide, tall: resize rounding and crop offsets
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
     images.append(Image.fromarray(rng.integers(0, 256, (40, 40, 4), dtype=np.uint8), "RGBA"))  # onto white
     for folder, hf_cls in [(scorers["dino"][0], BitImageProcessorPil), (scorers["siglip"][0], SiglipImageProcessorPil)]:
         hf, ours = hf_cls.from_pretrained(folder), ev.read_preprocessor(folder, "test")
@@ -132,10 +133,11 @@ def transformers_scores(scorers, paths, prompts, refs):
     (dfolder, dino), (sfolder, siglip, tok) = scorers["dino"], scorers["siglip"]
     dpre, spre = BitImageProcessorPil.from_pretrained(dfolder), SiglipImageProcessorPil.from_pretrained(sfolder)
     unit = lambda t: t / t.norm(dim=-1, keepdim=True)  # noqa: E731
-    dino_emb = lambda ps: unit(dino(**dpre([Image.open(p) for p in ps], return_tensors="pt")).pooler_output)  # noqa: E731
+    open_all = lambda ps: [Image.open(p) for p in ps]  # noqa: E731
+    dino_emb = lambda ps: unit(dino(**dpre(open_all(ps), return_tensors="pt")).pooler_output)  # noqa: E731
     img = (dino_emb(paths) @ dino_emb(refs).T).mean(1)
     ids = torch.tensor(tok(prompts, padding="max_length", truncation=True)["input_ids"])
-    image = unit(siglip.vision_model(**spre([Image.open(p) for p in paths], return_tensors="pt")).pooler_output)
+    image = unit(siglip.vision_model(**spre(open_all(paths), return_tensors="pt")).pooler_output)
     txt = (image * unit(siglip.text_model(input_ids=ids).pooler_output)).sum(1)
     return img, txt
 
