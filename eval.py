@@ -184,8 +184,7 @@ def list_images(folder):
 def sample_info(path, folder):
     """{'prompt', 'method', 'wcon'} of one sample: from sample.py's PNG text chunks, else a sidecar .txt.
     The method is the LoRA's training loss (dco / db / db-prior) as sample.py records it, else the folder's name."""
-    with Image.open(path) as im:
-        meta = dict(getattr(im, "text", None) or {})
+    meta = dict(getattr(load_image(path), "text", None) or {})
     prompt = meta.get("base_prompt") or meta.get("prompt")
     txt = os.path.splitext(path)[0] + ".txt"
     if prompt is None and os.path.isfile(txt):
@@ -212,9 +211,12 @@ def collect_samples(folders):
 
 
 def load_image(path):
-    with Image.open(path) as im:
-        im.load()
-        return im
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except OSError as e:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        raise ValueError(f"{path}: not a readable image ({e}); remove or replace it") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -347,6 +349,8 @@ def main(argv=None):
 
 def run(args):
     text = not args.no_text
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.plot and not text:
         raise ValueError("--plot needs the text similarity for its x axis: drop --no-text")
     samples = collect_samples(args.samples)  # cheap checks before loading models

@@ -93,6 +93,8 @@ def test_siglip_parity(scorers):
     image = (ours.vision_model(pixels) - hf.vision_model(pixel_values=pixels).pooler_output).abs().max().item()
     print(f"SigLIP: max abs diff text {text:.2e}, image {image:.2e}")
     assert max(text, image) <= TOL
+    emb = ours.text_model(ids)
+    assert (emb[0] - emb[1]).abs().max() > 1e-2  # the pooled last position does depend on the prompt
     with pytest.raises(ValueError, match="32x32"):
         ours.vision_model(torch.randn(1, 3, 48, 48))
 
@@ -204,6 +206,9 @@ def test_bad_inputs_one_line(scorers, tmp_path):
     assert "DINOv2" in error(str(samples), "--reference", ref, "--dino", siglip)
     assert "SigLIP" in error(str(samples), "--reference", ref, "--siglip", dino)
     assert "--no-text" in error(str(samples), "--reference", ref, "--plot", "p.png", "--no-text")
+    (empty / "broken.png").write_bytes(b"not a png")
+    assert "broken.png: not a readable image" in error(str(empty), "--reference", ref)
+    (empty / "broken.png").unlink()
     (samples / "plain.txt").unlink()  # an image with neither metadata nor sidecar: fine without text scoring only
     assert "plain.png: no prompt" in error(str(samples), "--reference", ref)
     ev.main([str(samples), "--reference", ref, "--dino", dino, "--no-text", "--out", str(tmp_path / "s.csv")])
