@@ -5,6 +5,9 @@ saved with save_pretrained next to a preprocessor_config.json of the real checkp
 format spiece.model (siglip_spm.py). Samples are tiny-world images written with sample.py's PNG metadata."""
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,7 +165,7 @@ def test_eval_cli_matches_transformers(scorers, tmp_path, capsys):
     assert by_name["plain.png"]["prompt"] == (samples / "plain.txt").read_text().strip()
     assert by_name["plain.png"]["method"] == "samples" and by_name["db_wcon0_0.png"]["method"] == "db"
 
-    refs = sorted(str(p) for p in __import__("pathlib").Path(ref).glob("*.png"))
+    refs = sorted(str(p) for p in Path(ref).glob("*.png"))
     img, txt = transformers_scores(scorers, [r["file"] for r in rows], [r["prompt"] for r in rows], refs)
     d_img = max(abs(float(r["image_similarity"]) - v) for r, v in zip(rows, img.tolist()))
     d_txt = max(abs(float(r["text_similarity"]) - v) for r, v in zip(rows, txt.tolist()))
@@ -258,3 +261,12 @@ def test_hub_ids_download_only_what_is_needed(monkeypatch, tmp_path):
     assert ev.resolve(str(tmp_path), "--dino") == str(tmp_path) and len(calls) == 1
     with pytest.raises(FileNotFoundError, match="--siglip ./nope: not a folder"):
         ev.resolve("./nope", "--siglip")
+
+
+def test_scorers_need_no_reference_library():
+    """eval.py, dinov2.py and siglip.py run on torch/numpy/pillow/safetensors alone: no transformers, sentencepiece
+    or protobuf is imported (they are test-only oracles)."""
+    code = ("import sys, eval, dinov2, siglip; bad = [m for m in ('transformers', 'diffusers', 'sentencepiece', "
+            "'google.protobuf', 'peft') if m in sys.modules]; assert not bad, bad")
+    root = Path(__file__).parent.parent
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
