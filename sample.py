@@ -278,6 +278,18 @@ def load_lora(sd, path, weight=1.0) -> dict:
         raise ValueError(f"--lora {path}: {e}") from None
 
 
+def lora_method(path):
+    """The training loss a LoRA from train.py records in its metadata ('dco', 'db', 'db-prior'), else None. Written
+    into the PNGs as 'method' so eval.py can group a sweep by method."""
+    if os.path.isdir(path):
+        files = [os.path.join(path, name) for name in (PEFT_FILE, KOHYA_FILE)]
+        path = next((f for f in files if os.path.isfile(f)), "")
+    if not path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("loss")
+
+
 def parse_lora_arg(text):
     """'DIR_OR_FILE[:weight]' -> (path, weight); a colon not followed by a number belongs to the path."""
     path, sep, weight = text.rpartition(":")
@@ -404,11 +416,17 @@ def run(args):
                   "prompt with its init word); without the token both see the same words and the learned subject is "
                   f"never asked for. Write it in the prompt, e.g. 'a {next(iter(tokens))} ...'", file=sys.stderr)
         base_prompt = args.base_prompt or replace_tokens(args.prompt, tokens)
+    elif tokens or args.base_prompt:  # not used by w_con = 0, but eval.py scores prompt fidelity on the plain words
+        try:
+            base_prompt = args.base_prompt or replace_tokens(args.prompt, tokens)
+        except ValueError:
+            pass
+    method = ",".join(sorted({m for m in (lora_method(p) for p, _ in loras) if m})) or None
 
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "base_prompt": base_prompt,
             "model": args.model, "lora": "; ".join(f"{p}:{w:g}" for p, w in loras) or None, "sampler": args.sampler,
             "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "height": args.height, "width": args.width,
-            "software": "dco sample.py"}
+            "software": "dco sample.py", "method": method}
     meta = {k: v for k, v in meta.items() if v is not None}
     stem, ext = os.path.splitext(args.out)
     ext = ext or ".png"
