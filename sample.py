@@ -32,6 +32,7 @@ import sys
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
+from safetensors import safe_open
 from tqdm import tqdm
 
 from dco import alphas_cumprod
@@ -281,10 +282,8 @@ def load_lora(sd, path, weight=1.0) -> dict:
 def lora_method(path):
     """The training loss a LoRA from train.py records in its metadata ('dco', 'db', 'db-prior'), else None. Written
     into the PNGs as 'method' so eval.py can group a sweep by method."""
-    if os.path.isdir(path):
-        files = [os.path.join(path, name) for name in (PEFT_FILE, KOHYA_FILE)]
-        path = next((f for f in files if os.path.isfile(f)), "")
-    if not path.endswith(".safetensors") or not os.path.isfile(path):
+    path = find_lora_files(path)[0]
+    if path is None or not path.endswith(".safetensors"):
         return None
     with safe_open(path, framework="pt") as f:
         return (f.metadata() or {}).get("loss")
