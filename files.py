@@ -92,17 +92,51 @@ def find_lora_files(path):
     return lora, (embeds if embeds and os.path.isfile(embeds) else None)
 
 
-def read_learned_tokens(path):
+def read_learned_tokens(path, names=None):
     """learned_embeds.safetensors -> (rows {"clip_l": [n, 768], "clip_g": [n, 1280]}, tokens, init words).
 
     The 'token' and 'init_word' metadata are comma-separated lists, as train.py and merge.py write them; an init
-    word is "" where unknown."""
+    word is "" where unknown. The official DCO code writes the same rows with no metadata: then `names`, a list of
+    (token, init word) from --token or the official config.json, says which tokens the rows are, in order."""
     with safe_open(path, framework="pt") as f:
         meta, rows = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()]
     words = [w.strip() for w in meta.get("init_word", "").split(",")]
+    if not tokens and names:  # the first n names, n = the number of rows
+        n = rows["clip_l"].shape[0] if "clip_l" in rows and rows["clip_l"].dim() == 2 else 0
+        if n > len(names):
+            raise ValueError(f"{path}: {n} token rows but only {len(names)} token name(s) left to give them: pass "
+                             "one --token per row, in the order they were trained")
+        tokens, words = [t for t, _ in names[:n]], [w or "" for _, w in names[:n]]
+    elif not tokens and "clip_l" in rows:
+        raise ValueError(f"{path}: token rows without token names (the official DCO code's format): pass --token "
+                         "'<dog>=dog' (token=init word, one per row), or --config CONFIG.json --config-name NAME")
     for key in ("clip_l", "clip_g"):
         if key not in rows or rows[key].dim() != 2 or rows[key].shape[0] != len(tokens):
             raise ValueError(f"{path}: expected a '{key}' tensor with one row per token of the 'token' metadata "
                              f"{tokens}, got {tuple(rows[key].shape) if key in rows else 'none'}")
     return rows, tokens, (words if len(words) == len(tokens) else [""] * len(tokens))
+
+
+def parse_token(text):
+    """--token '<dog>=dog' -> ('<dog>', 'dog'); '<dog>' -> ('<dog>', None): a learned token and its init word."""
+    token, _, word = text.partition("=")
+    if not token.strip():
+        raise ValueError(f"--token {text!r}: expected TOKEN or TOKEN=INIT_WORD, e.g. '<dog>=dog'")
+    return token.strip(), (word.strip() or None)
+
+
+def official_tokens(config, name):
+    """The tokens of an entry of the official DCO data config.json -> [(token, init word)]: its
+    'inserting_tokens' and 'initializer_tokens' (kyungmnlee/dco@164ae17 README, "Data Preparation")."""
+    try:
+        with open(config, encoding="utf-8") as f:
+            configs = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {config}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--config {config}: not valid JSON ({e})") from None
+    if name not in configs:
+        raise ValueError(f"--config-name {name}: not in {config} (it has {', '.join(configs)})")
+    tokens, words = configs[name].get("inserting_tokens", []), configs[name].get("initializer_tokens", [])
+    return [(t, words[i] if i < len(words) else None) for i, t in enumerate(tokens)]

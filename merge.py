@@ -34,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, atomic, find_lora_files, read_learned_tokens,
-                   save_tensors, write_json)
+from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, atomic, find_lora_files, official_tokens,
+                   parse_token, read_learned_tokens, save_tensors, write_json)
 from hub import CONFIG_FILES, download
 from lora import concat_loras, load_lora_file, save_lora_kohya, save_lora_peft
 from sdxl import SDXL_BASE, load_sdxl, model_path, read_json
@@ -109,7 +109,9 @@ def base_skeleton(model):
                 "text_encoder_2": CLIPTextModel(configs["text_encoder_2"])}
 
 
-def read_source(path, skeleton=None) -> Source:
+def read_source(path, skeleton=None, names=None, tokens=True) -> Source:
+    """A LoRA as the trainer wrote it. `names`: [(token, init word)] for token rows saved without names (the official
+    DCO code's learned_embeds.safetensors)."""
     lora, embeds_file = lora_files(path)
     keys, _ = read_header(lora)
     kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
@@ -117,7 +119,8 @@ def read_source(path, skeleton=None) -> Source:
         raise ValueError(f"{lora} is a kohya LoRA: its layer names need the base model's config, pass --model")
     modules = skeleton if kohya else None
     layers, metadata = load_lora_file(lora, modules, skeleton["unet"].config if modules else None)
-    embeds, tokens, words = read_learned_tokens(embeds_file) if embeds_file else (None, [], [])
+    embeds_file = embeds_file if tokens else None  # --analyze compares the LoRA layers only
+    embeds, tokens, words = read_learned_tokens(embeds_file, names) if embeds_file else (None, [], [])
     embeds = {k: v.float() for k, v in embeds.items()} if embeds else None
     return Source(path, layers, metadata, embeds, tokens, words)
 
@@ -229,9 +232,10 @@ def save_merged(out, layers, embeds, metadata, unet_config):
     return out
 
 
-def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="fp16"):
+def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="fp16", names=None):
     """Merge the LoRAs at `paths` (trainer folders or files) with `weights` into `output` (a LoRA folder) and/or
-    `into_base` (a full UNet .safetensors, needs `model`). Everything is checked before anything is written."""
+    `into_base` (a full UNet .safetensors, needs `model`). Everything is checked before anything is written.
+    `names`: [(token, init word)] for the official code's nameless token rows, taken in LoRA order."""
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     if len(paths) < 2:
         raise ValueError(f"merge needs at least two LoRAs, got {len(paths)}")
@@ -252,7 +256,10 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="f
         if model:
             raise
         raise FileNotFoundError(f"{e} (the base model named in the LoRAs' metadata): pass --model") from None
-    sources = [read_source(p, skeleton) for p in paths]
+    sources, names = [], list(names or [])
+    for p in paths:
+        sources.append(read_source(p, skeleton, names))
+        names = [n for n in names if n[0] not in sources[-1].tokens]  # the next nameless file takes the next names
     check_shapes(sources, skeleton, base)
     layers = merge_loras(sources, weights)
     embeds, tokens, init_words = merge_embeddings(sources)
@@ -320,7 +327,7 @@ def _name(path):
 def analyze(path_a, path_b, csv_path=None, model=None):
     """Print the interference table and its mean, write it as CSV (default: interference_<a>_<b>.csv beside A)."""
     skeleton = base_skeleton(model) if model else None
-    a, b = read_source(path_a, skeleton), read_source(path_b, skeleton)
+    a, b = read_source(path_a, skeleton, tokens=False), read_source(path_b, skeleton, tokens=False)
     check_shapes([a, b], skeleton, model)
     rows = interference(a.layers, b.layers)
     if not rows:
@@ -363,6 +370,10 @@ def main(argv=None):
                                                        "names, like unet/diffusion_pytorch_model.safetensors)")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES), help="--into-base weights (default fp16, "
                                                                          "SDXL's own; fp32 keeps every bit of dW)")
+    p.add_argument("--token", action="append", type=parse_token, default=[], metavar="TOKEN[=INIT_WORD]",
+                   help="names of learned token rows saved without them (the official DCO code), in order; repeatable")
+    p.add_argument("--config", help="the official DCO data config.json: its inserting/initializer_tokens name the rows")
+    p.add_argument("--config-name", help="which entry of --config")
     p.add_argument("--analyze", action="store_true", help="print the interference table of two LoRAs (no merge)")
     p.add_argument("--csv", help="--analyze: CSV path (default: interference_<A>_<B>.csv beside A)")
     args = p.parse_args(argv)
@@ -372,7 +383,13 @@ def main(argv=None):
                 raise ValueError("--analyze compares exactly two LoRAs and writes only --csv")
             analyze(*args.loras, csv_path=args.csv, model=args.model)
         else:
-            layers, embeds, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.dtype)
+            names = list(args.token)
+            if args.config or args.config_name:
+                if not (args.config and args.config_name):
+                    raise ValueError("--config and --config-name go together")
+                names += official_tokens(args.config, args.config_name)
+            layers, embeds, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.dtype,
+                                         names)
             ranks = [d.shape[0] for c in layers.values() for d, _, _ in c.values()]
             rank = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
             print(f"merged {len(args.loras)} LoRAs ({len(ranks)} layers, rank {rank}, tokens "

@@ -36,8 +36,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from dco import alphas_cumprod
-from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, find_lora_files, read_learned_tokens,
-                   save_image)
+from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, find_lora_files, official_tokens,
+                   parse_token, read_learned_tokens, save_image)
 from lora import apply_lora, load_lora_file, lora_modules, lora_scale
 from text_encoder import resize_token_embeddings
 
@@ -237,11 +237,12 @@ def generate(sd, prompts, **options):
 # LoRAs and their learned tokens (textual inversion)
 
 
-def add_learned_tokens(sd, path) -> dict:
+def add_learned_tokens(sd, path, names=None) -> dict:
     """Add the tokens of a learned_embeds.safetensors to both tokenizers and both embedding tables ('clip_l' rows
     [n, 768] for text_encoder, 'clip_g' [n, 1280] for text_encoder_2). Metadata 'token' and 'init_word' name them
-    (comma-separated when several). Returns {token: init word or None}."""
-    rows, tokens, words = read_learned_tokens(path)
+    (comma-separated when several); files without them (the official DCO code's) take theirs from `names`, a list of
+    (token, init word). Returns {token: init word or None}."""
+    rows, tokens, words = read_learned_tokens(path, names)
     pairs = {"clip_l": (sd.tokenizer, sd.text_encoder), "clip_g": (sd.tokenizer_2, sd.text_encoder_2)}
     for key, (tok, te) in pairs.items():  # check everything before changing anything
         width = te.text_model.embeddings.token_embedding.embedding_dim
@@ -258,10 +259,11 @@ def add_learned_tokens(sd, path) -> dict:
     return {t: w or None for t, w in zip(tokens, words)}
 
 
-def load_lora(sd, path, weight=1.0) -> dict:
+def load_lora(sd, path, weight=1.0, names=None) -> dict:
     """Apply a LoRA to `sd`: a trainer output folder (pytorch_lora_weights.safetensors or lora_kohya.safetensors,
     plus learned_embeds.safetensors) or a LoRA .safetensors file, its update scaled by `weight`. Several LoRAs add up
-    exactly (lora.apply_lora stacks their ranks). Returns {learned token: init word}."""
+    exactly (lora.apply_lora stacks their ranks). `names`: [(token, init word)] for token rows that carry no names
+    (the official DCO code's files). Returns {learned token: init word}."""
     try:
         lora, embeds = find_lora_files(path)
     except FileNotFoundError as e:
@@ -274,9 +276,19 @@ def load_lora(sd, path, weight=1.0) -> dict:
         for state in states:
             for comp, layers in state.items():
                 apply_lora(getattr(sd, comp), layers, weight)
-        return add_learned_tokens(sd, embeds) if embeds else {}
+        return add_learned_tokens(sd, embeds, names) if embeds else {}
     except ValueError as e:
         raise ValueError(f"--lora {path}: {e}") from None
+
+
+def lora_pooling(path):
+    """The text-encoder pooling a LoRA from train.py was trained with ('eos' or 'argmax', its 'pool' metadata);
+    None when unknown (then EOS, SDXL's own)."""
+    path = find_lora_files(path)[0]
+    if path is None or not path.endswith(".safetensors"):
+        return None
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("pool")
 
 
 def lora_method(path):
@@ -361,6 +373,13 @@ def main(argv=None):
     p.add_argument("--lora", action="append", default=[], metavar="DIR_OR_FILE[:weight]",
                    help="trainer output folder or LoRA file; repeat to combine several (their updates add up)")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--token", action="append", type=parse_token, default=[], metavar="TOKEN[=INIT_WORD]",
+                   help="names of learned token rows saved without them (the official DCO code's learned_embeds), in "
+                        "order, e.g. --token '<dog>=dog'; repeatable")
+    p.add_argument("--config", help="the official DCO data config.json: its inserting/initializer_tokens name the rows")
+    p.add_argument("--config-name", help="which entry of --config")
+    p.add_argument("--pool", choices=["eos", "argmax"], help="text_encoder_2 pooling: eos (SDXL's training; default) "
+                   "or argmax (transformers/diffusers, the official DCO code); default: what the LoRA was trained with")
     p.add_argument("--base-prompt", help="c_base of consistency guidance (default: the prompt with each learned token "
                                          "replaced by its init word)")
     p.add_argument("--negative-prompt", help="default: none, i.e. SDXL's zero embeddings")
@@ -375,6 +394,7 @@ def main(argv=None):
     p.add_argument("--width", type=int, help="default: as --height")
     p.add_argument("--model", default="stabilityai/stable-diffusion-xl-base-1.0",
                    help="hub repo id, local diffusers folder, single-file .safetensors, or tiny")
+    p.add_argument("--vae", help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
     p.add_argument("--out", default="out.png", help="the image (--n 1), else the grid, with the images beside it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), help="UNet and text encoders (default: fp16 on "
@@ -402,10 +422,20 @@ def run(args):
     if args.n < 1:
         raise ValueError(f"--n {args.n}: must be at least 1")
     dtype = DTYPES[args.dtype or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")]
-    sd = load_sdxl(args.model, device=args.device, dtype=dtype)
+    names = list(args.token)
+    if args.config or args.config_name:
+        if not (args.config and args.config_name):
+            raise ValueError("--config and --config-name go together")
+        names += official_tokens(args.config, args.config_name)
+    sd = load_sdxl(args.model, device=args.device, dtype=dtype, variant=None if dtype == torch.float32 else "fp16",
+                   vae=args.vae)
+    pools = {p for p in (lora_pooling(path) for path, _ in loras) if p}
+    sd.text_encoder.pool = sd.text_encoder_2.pool = args.pool or (pools.pop() if len(pools) == 1 else "eos")
     tokens = {}
     for path, weight in loras:
-        tokens.update(load_lora(sd, path, weight))
+        added = load_lora(sd, path, weight, names)
+        names = [n for n in names if n[0] not in added]  # the next official file takes the next names
+        tokens.update(added)
 
     base_prompt = None
     if any(wcons):
@@ -425,7 +455,7 @@ def run(args):
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "base_prompt": base_prompt,
             "model": args.model, "lora": "; ".join(f"{p}:{w:g}" for p, w in loras) or None, "sampler": args.sampler,
             "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "height": args.height, "width": args.width,
-            "software": "dco sample.py", "method": method}
+            "software": "dco sample.py", "method": method, "pool": sd.text_encoder_2.pool}
     meta = {k: v for k, v in meta.items() if v is not None}
     stem, ext = os.path.splitext(args.out)
     ext = ext or ".png"

@@ -121,13 +121,39 @@ def load_component(folder, comp, variant="fp16"):
 
 
 def load_sdxl(model=SDXL_BASE, device="cpu", dtype=torch.float32, vae_dtype=None, variant="fp16",
-              config_from=SDXL_BASE):
+              config_from=SDXL_BASE, vae=None):
     """Load SDXL from a hub id, a local diffusers folder, a single-file `.safetensors` checkpoint, or "tiny".
 
     dtype is used for the UNet and text encoders. The VAE stays in fp32 unless its config says it is safe in
     half precision (`force_upcast: false`, e.g. madebyollin/sdxl-vae-fp16-fix) or `vae_dtype` is given: the
-    original SDXL VAE overflows in fp16.
+    original SDXL VAE overflows in fp16. `vae`: another VAE instead of the model's own (see load_vae). `variant`:
+    the weight files to prefer ("fp16", half the download; None: the full-precision files).
     """
+    sd = _load_sdxl(model, device, dtype, vae_dtype, variant, config_from)
+    if vae is not None:
+        sd.vae = load_vae(vae, device, dtype, vae_dtype)
+    return sd
+
+
+def load_vae(source, device="cpu", dtype=torch.float32, vae_dtype=None):
+    """A VAE alone: a hub id or folder holding config.json + diffusion_pytorch_model.safetensors (e.g.
+    madebyollin/sdxl-vae-fp16-fix), or an SDXL folder whose vae/ holds them. Its dtype follows its config as above."""
+    if os.path.isdir(source):
+        folder = source if os.path.isfile(os.path.join(source, "config.json")) else os.path.join(source, "vae")
+    else:
+        if source.startswith((".", "/")) or source.endswith(PICKLE_SUFFIXES + (".safetensors",)):
+            raise FileNotFoundError(f"--vae {source}: expected a folder or a hub id of a diffusers VAE")
+        folder = download(source, patterns=["config.json", "diffusion_pytorch_model.safetensors"])
+    config = read_json(os.path.join(folder, "config.json"), f"--vae {source} is not a diffusers VAE folder")
+    weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"--vae {source}: no diffusion_pytorch_model.safetensors in {folder}")
+    if vae_dtype is None:
+        vae_dtype = torch.float32 if config.get("force_upcast", True) else dtype
+    return build(AutoencoderKL, config, convert_legacy_vae_keys(load_file(weights)), device, vae_dtype)
+
+
+def _load_sdxl(model, device, dtype, vae_dtype, variant, config_from):
     model = model_path(model)
     if model.endswith(PICKLE_SUFFIXES):
         raise ValueError(f"--model {model}: pickle checkpoints can run arbitrary code when loaded; dco reads only "

@@ -252,7 +252,9 @@ class CLIPTextModel(nn.Module):
 
     Why pool at eos_token_id and not like transformers: SDXL's configs carry a legacy `eos_token_id: 2`, which
     makes transformers (and SGM) pool at argmax(input_ids). That is the EOS only while 49407 is the largest id in
-    the row; a textual-inversion token (id 49408, ...) would be pooled instead."""
+    the row; a textual-inversion token (id 49408, ...) would be pooled instead. SDXL was trained on rows without
+    such tokens, i.e. pooled at the EOS, so EOS pooling keeps a prompt with "<dog>" in the distribution the model
+    knows. `pool = "argmax"` reproduces transformers/diffusers (and the official DCO code, which trained under it)."""
 
     def __init__(self, config: dict, with_projection: bool | None = None, eos_token_id: int = 49407):
         super().__init__()
@@ -263,6 +265,7 @@ class CLIPTextModel(nn.Module):
             with_projection = "CLIPTextModelWithProjection" in config.get("architectures", [])
         C, eps = config["hidden_size"], config["layer_norm_eps"]
         self.eos_token_id = eos_token_id
+        self.pool = "eos"  # or "argmax": see the docstring
         self.text_model = nn.ModuleDict(dict(
             embeddings=nn.ModuleDict(dict(
                 token_embedding=nn.Embedding(config["vocab_size"], C),
@@ -288,8 +291,11 @@ class CLIPTextModel(nn.Module):
         if not is_eos.any(dim=1).all():
             raise ValueError(f"input_ids: every row needs an end-of-text token {self.eos_token_id}; "
                              "make them with CLIPTokenizer(...)")
-        eos_pos = is_eos.int().argmax(dim=1)  # argmax of a 0/1 row = its first 1
-        pooled = self.text_model.final_layer_norm(x[torch.arange(len(x), device=x.device), eos_pos])
+        if self.pool == "argmax":  # the largest id of each row: the EOS, unless a new token (id > 49407) is there
+            pos = input_ids.argmax(dim=1)
+        else:
+            pos = is_eos.int().argmax(dim=1)  # argmax of a 0/1 row = its first 1
+        pooled = self.text_model.final_layer_norm(x[torch.arange(len(x), device=x.device), pos])
         if self.text_projection is not None:
             pooled = self.text_projection(pooled)
         return hidden_states, pooled

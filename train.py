@@ -58,11 +58,21 @@ def parse_args(argv=None):
     g.add_argument("--resolution", type=int, help="default: the model's own, 1024 for SDXL (32 for tiny)")
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--offset-noise", type=float, default=0.0, help="0.1 helps learn solid colours (styles)")
+    g.add_argument("--crop", choices=["center", "random"], default="center", help="where the RxR crop of the resized "
+                   "image is taken (random: a new crop each step, as the official code)")
+    g.add_argument("--random-flip", action="store_true", help="mirror each image with probability 1/2 per step")
+    g.add_argument("--resample", choices=list(RESAMPLE), default="lanczos", help="resize filter (the official code: "
+                   "bilinear)")
+    g.add_argument("--time-ids", choices=["crop", "fixed"], default="crop", help="micro-conditioning: the real size "
+                   "and crop (SDXL's training), or always (R, R, 0, 0, R, R) (the official code)")
     g = p.add_argument_group("model and output")
     g.add_argument("--model", default=SDXL_BASE, help="hub id, diffusers folder, single-file .safetensors, or tiny "
                                                       "(the tiny SDXL of tinyworld/: a real run on a CPU)")
     g.add_argument("--output", help="output folder (default: output/<images folder or config name>)")
     g.add_argument("--device", help="default: cuda if available, else cpu")
+    g.add_argument("--vae", help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for fp16")
+    g.add_argument("--pool", choices=["eos", "argmax"], default="eos", help="text_encoder_2 pooling: at the EOS "
+                   "(SDXL's training) or at argmax(ids) (transformers/diffusers; the official code trained so)")
     g = p.add_argument_group("the loss")
     g.add_argument("--loss", default="dco", choices=["dco", "db", "db-prior"])
     g.add_argument("--beta", type=float, default=1000.0, help="DCO's beta (1000-2000 work in the paper)")
@@ -104,6 +114,8 @@ def parse_args(argv=None):
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.resolution % 8:
         raise ValueError(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's downsampling)")
+    if args.alpha is not None and not args.alpha > 0:
+        raise ValueError(f"--alpha {args.alpha}: must be > 0 (the LoRA's scale is alpha / rank; leave it out for 1)")
     if args.seed < 0 or args.checkpoint_every < 0 or args.sample_steps < 0:
         raise ValueError("--seed, --checkpoint-every and --sample-steps must be >= 0")
     return args
@@ -112,9 +124,11 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------------------
 # Data: images, captions, SDXL's micro-conditioning, the new tokens
 
-def load_image(path, resolution):
-    """-> (uint8 [3,R,R], time_ids [6]): shorter side resized to R, center crop. time_ids is SDXL's micro-
-    conditioning (original h, w before resizing, crop top, left, target h, w): the model is told the crop."""
+RESAMPLE = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
+
+
+def load_resized(path, resolution, resample="lanczos"):
+    """-> (uint8 [3,h,w] with the shorter side resized to R, (original h, w))."""
     try:
         img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
@@ -122,9 +136,24 @@ def load_image(path, resolution):
     w, h = img.size
     s = resolution / min(w, h)
     nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
-    img = img.resize((nw, nh), Image.LANCZOS).crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1), torch.tensor([h, w, top, left, resolution, resolution])
+    img = img.resize((nw, nh), RESAMPLE[resample])
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1), (h, w)
+
+
+def crop(image, size, resolution, top, left, fixed_time_ids=False):
+    """-> (uint8 [3,R,R] crop at (top, left), time_ids [6]). time_ids is SDXL's micro-conditioning (original h, w
+    before resizing, crop top, left, target h, w): the model is told the crop. The official code always tells it
+    (R, R, 0, 0, R, R) instead (customize.py:700-705): fixed_time_ids=True."""
+    R = resolution
+    ids = [R, R, 0, 0, R, R] if fixed_time_ids else [*size, top, left, R, R]
+    return image[:, top:top + R, left:left + R], torch.tensor(ids)
+
+
+def load_image(path, resolution, resample="lanczos", fixed_time_ids=False):
+    """-> (uint8 [3,R,R], time_ids [6]): shorter side resized to R, centre crop."""
+    image, size = load_resized(path, resolution, resample)
+    top, left = (image.shape[1] - resolution) // 2, (image.shape[2] - resolution) // 2
+    return crop(image, size, resolution, top, left, fixed_time_ids)
 
 
 def read_data(args):
@@ -243,6 +272,37 @@ def encode_images(vae, images):
     return torch.cat([m.float().cpu() for m, _ in stats]), torch.cat([v.float().cpu() for _, v in stats])
 
 
+class CropCache:
+    """--crop random / --random-flip: every (image, crop, flip) that a step draws goes through the VAE once, the first
+    time it is drawn, and its latent Gaussian is kept. Exact -- each crop is encoded as itself, not cut out of a
+    bigger latent -- and as cheap as the fixed-crop cache once the crops have been seen."""
+
+    def __init__(self, vae, paths, resolution, resample, random_crop, flip, fixed_time_ids):
+        self.vae, self.R, self.random_crop, self.flip, self.fixed = vae, resolution, random_crop, flip, fixed_time_ids
+        self.images = [load_resized(p, resolution, resample) for p in paths]
+        self.cache = {}
+
+    def get(self, idx, generator):
+        """(means, logvars, time_ids) of the images idx, each with a crop and flip drawn from `generator`."""
+        out = []
+        for i in idx.tolist():
+            image, size = self.images[i]
+            h, w = image.shape[1] - self.R, image.shape[2] - self.R
+            if self.random_crop:
+                top, left = (int(torch.randint(d + 1, (1,), generator=generator)) for d in (h, w))
+            else:
+                top, left = h // 2, w // 2
+            flip = self.flip and bool(torch.rand(1, generator=generator) < 0.5)
+            key = (i, top, left, flip)
+            if key not in self.cache:  # flip first, then crop in the flipped image, as diffusers' SDXL scripts
+                x, time_ids = crop(image.flip(-1) if flip else image, size, self.R, top, left, self.fixed)
+                mean, logvar = encode_images(self.vae, [x])
+                self.cache[key] = mean, logvar, time_ids.float()
+            out.append(self.cache[key])
+        return (torch.cat([m for m, _, _ in out]), torch.cat([v for _, v, _ in out]),
+                torch.stack([t for _, _, t in out]))
+
+
 def encode_prompts(sd, prompts, amp):
     """(context [n,77,2048], pooled [n,1280]), one prompt at a time and under autocast as the per-step encoding of
     theta's prompts: then at step 0 theta's conditioning (<dog>) equals phi's (dog) bit for bit, and the first DCO
@@ -271,7 +331,11 @@ def get_batch(step, data, sd, args, amp):
     idx = batch_indices(step, args.batch_size, data.n, args.seed)
     if data.prior is not None:  # db-prior: + B class images in the same forward
         idx = torch.cat([idx, data.n + torch.randint(len(data.means) - data.n, (args.batch_size,), generator=g)])
-    x0 = latent_dist_sample(data.means[idx], data.logvars[idx], g) * sd.vae.scaling_factor
+    if data.crops is not None:  # this step's random crops / flips, each VAE-encoded once (CropCache)
+        means, logvars, time_ids = data.crops.get(idx, rng(args.seed, "crop", step))
+    else:
+        means, logvars, time_ids = data.means[idx], data.logvars[idx], data.time_ids[idx]
+    x0 = latent_dist_sample(means, logvars, g) * sd.vae.scaling_factor
     eps = sample_noise(x0, args.offset_noise, g)
     t = sample_timesteps(len(idx), len(data.alphas_cumprod), generator=g)
     xt, eps, t = add_noise(x0, eps, t, data.alphas_cumprod).to(data.device), eps.to(data.device), t.to(data.device)
@@ -283,7 +347,7 @@ def get_batch(step, data, sd, args, amp):
             cond = sd.encode_prompt([data.captions[i] for i in inst])
     if data.prior is not None:
         cond = torch.cat([cond[0], data.prior[0]]), torch.cat([cond[1], data.prior[1]])
-    return Batch(xt, eps, t, data.time_ids[idx], cond, base_cond if args.loss == "dco" else None)
+    return Batch(xt, eps, t, time_ids.to(data.device), cond, base_cond if args.loss == "dco" else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,14 +367,15 @@ def db_prior_loss(eps_theta, eps_phi, eps, beta=None, prior_weight=1.0):
 LOSSES = {"dco": dco_loss, "db": db_loss, "db-prior": db_prior_loss}
 
 
-def prior_class(sd, args, out, images, name, inits):
-    """db-prior: add the class images to `images` and return the class prompt (None for the other losses). They are
-    made by the base model, so before any LoRA or new token exists."""
+def prior_class(sd, args, out, images, load, name, inits):
+    """db-prior: add the class images to `images` -> (class prompt, their paths); (None, []) for the other losses.
+    They are made by the base model, so before any LoRA or new token exists."""
     if args.loss != "db-prior":
-        return None
+        return None, []
     prompt = args.class_prompt or f"a photo of a {inits[0] if inits else name}"
-    images += [load_image(p, args.resolution) for p in class_images(sd, args, out, prompt)]
-    return prompt
+    paths = class_images(sd, args, out, prompt)
+    images += [load(p) for p in paths]
+    return prompt, paths
 
 
 def class_images(sd, args, out, prompt):
@@ -346,6 +411,25 @@ def save_samples(sd, args, out, step, captions, tokens):
 
 # ----------------------------------------------------------------------------------------------------------
 # The step and the loop
+
+def make_caches(sd, args, *, images, paths, class_paths, captions, base_prompts, class_prompt, embeds, amp, device):
+    """-> TrainData: the latent Gaussians of the images, phi's encoded base prompts, db-prior's class prompt."""
+    means, logvars = encode_images(sd.vae, [x for x, _ in images])
+    crops = None
+    if args.crop == "random" or args.random_flip:  # then the VAE stays: each new crop is encoded when first drawn
+        crops = CropCache(sd.vae, paths + class_paths, args.resolution, args.resample, args.crop == "random",
+                          args.random_flip, args.time_ids == "fixed")
+    else:
+        sd.vae.to("cpu")  # not needed again until sampling
+    base_ctx, base_pooled = encode_prompts(sd, base_prompts or captions, amp)
+    prior = None
+    if class_prompt:  # one batch of B copies: the class half of every db-prior batch
+        with torch.no_grad(), amp():
+            prior = sd.encode_prompt([class_prompt] * args.batch_size)
+    return TrainData(n=len(paths), means=means, logvars=logvars, captions=captions, base_ctx=base_ctx,
+                     base_pooled=base_pooled, prior=prior, embeds=embeds, alphas_cumprod=alphas_cumprod(sd.scheduler),
+                     time_ids=torch.stack([t for _, t in images]).float().to(device), device=device, crops=crops)
+
 
 def train_step(unet, opt, scaler, batch, loss_fn, grad_clip=1.0, amp=nullcontext):
     """One optimisation step on a Batch -> (loss, implicit reward per sample or None). bench.py times exactly this.
@@ -387,6 +471,7 @@ class TrainData:
     embeds: list
     alphas_cumprod: torch.Tensor
     device: torch.device
+    crops: CropCache | None = None
 
 
 def train(args, loss_fn=None):
@@ -394,7 +479,9 @@ def train(args, loss_fn=None):
     replaces the loss of --loss (the default, DCO, is dco.dco_loss); phi is computed for every loss but db/db-prior."""
     # --- data: images, captions, and phi's base prompts ("<dog>" -> "dog")
     name, paths, captions, base_prompts, tokens, inits = read_data(args)
-    images = [load_image(p, args.resolution) for p in paths]  # every image is read now: bad files fail early
+    load = functools.partial(load_image, resolution=args.resolution, resample=args.resample,
+                             fixed_time_ids=args.time_ids == "fixed")
+    images = [load(p) for p in paths]  # every image is read now: bad files fail early
     out = args.output or os.path.join("output", name)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mp = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
@@ -404,7 +491,8 @@ def train(args, loss_fn=None):
                                 **({"prior_weight": args.prior_weight} if args.loss == "db-prior" else {}))
 
     # --- the model: UNet and text encoders in the training dtype, the VAE in fp32 (see sdxl.py)
-    sd = load_sdxl(args.model, device=device, dtype=dtype)
+    sd = load_sdxl(args.model, device=device, dtype=dtype, variant=None if mp == "no" else "fp16", vae=args.vae)
+    sd.text_encoder.pool = sd.text_encoder_2.pool = args.pool
     captions, base_prompts, tokens, inits = prepare_captions(name, captions, base_prompts, tokens, inits, sd.tokenizer)
     check_model_fits(sd, args, paths, captions, tokens)
     config = {**vars(args), "name": name, "output": out, "device": str(device), "mixed_precision": mp,
@@ -414,7 +502,7 @@ def train(args, loss_fn=None):
     os.makedirs(out, exist_ok=True)
     write_json(os.path.join(out, checkpoint.CONFIG_FILE), config)
     meta = lora_metadata(args, config)
-    class_prompt = prior_class(sd, args, out, images, name, inits)  # db-prior: base-model class images, + images
+    class_prompt, class_paths = prior_class(sd, args, out, images, load, name, inits)  # db-prior: + class images
 
     # --- LoRA on the UNet's attention projections: peft's gaussian init, alpha = rank (official: customize.py:503)
     torch.manual_seed(args.seed)
@@ -428,16 +516,8 @@ def train(args, loss_fn=None):
     embeds = add_new_tokens(sd, tokens, inits)  # textual inversion: trainable rows in both text encoders
 
     # --- caches: each image through the VAE once, the fixed prompts through the text encoders once
-    means, logvars = encode_images(sd.vae, [x for x, _ in images])
-    sd.vae.to("cpu")  # not needed again until sampling
-    base_ctx, base_pooled = encode_prompts(sd, base_prompts or captions, amp)
-    prior = None
-    if class_prompt:  # one batch of B copies: the class half of every db-prior batch
-        with torch.no_grad(), amp():
-            prior = sd.encode_prompt([class_prompt] * args.batch_size)
-    data = TrainData(n=len(paths), means=means, logvars=logvars, captions=captions, base_ctx=base_ctx,
-                     base_pooled=base_pooled, prior=prior, embeds=embeds, alphas_cumprod=alphas_cumprod(sd.scheduler),
-                     time_ids=torch.stack([t for _, t in images]).float().to(device), device=device)
+    data = make_caches(sd, args, images=images, paths=paths, class_paths=class_paths, captions=captions,
+                       base_prompts=base_prompts, class_prompt=class_prompt, embeds=embeds, amp=amp, device=device)
 
     # --- AdamW on the LoRA (lr) and the new token rows (ti-lr), constant learning rate
     lora_params, ti_params = lora_parameters(sd.unet), [e.rows for e in embeds]
@@ -484,7 +564,8 @@ def lora_metadata(args, config):
     """The safetensors metadata of every LoRA file written: the recipe, and the learned tokens for sample.py."""
     return {"base_model": args.model, "rank": str(args.rank), "alpha": str(config["alpha"]), "loss": args.loss,
             "beta": str(args.beta), "steps": str(args.steps), "resolution": str(args.resolution),
-            "token": ",".join(config["tokens"]), "init_word": ",".join(config["init_words"])}
+            "token": ",".join(config["tokens"]), "init_word": ",".join(config["init_words"]),
+            **({"pool": args.pool} if args.pool != "eos" else {})}  # sample.py samples with the same pooling
 
 
 def check_model_fits(sd, args, paths, captions, tokens):
