@@ -64,7 +64,7 @@ def spaced_timesteps(steps, num_train_timesteps=1000, spacing="leading", offset=
     if spacing == "trailing":
         return (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round().long() - 1
     if spacing == "linspace":
-        return torch.linspace(0, T - 1, steps).flip(0)  # float32, as diffusers' Euler
+        return torch.linspace(0, T - 1, steps, dtype=torch.float64).flip(0).float()  # float32, as diffusers' Euler
     raise ValueError(f"scheduler config: timestep_spacing {spacing!r} is not supported; use one of "
                      f"{', '.join(SPACINGS)}")
 
