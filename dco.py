@@ -123,7 +123,9 @@ def min_snr_weights(t, alphas_cumprod, gamma=5.0, prediction_type="epsilon"):
     """Min-SNR-gamma loss weights (Hang et al. 2023): weigh each step's error as an x_0 error times min(SNR_t, gamma),
     which down-weights the easy low-noise steps that otherwise dominate the gradient.
     An eps error is an x_0 error times SNR (x_0 - x0_hat = (eps_hat - eps) / sqrt(SNR)): weight min(SNR, gamma) / SNR.
-    A v error is an x_0 error times SNR + 1 (x_0 - x0_hat = sqrt(1 - abar) (v_hat - v)): min(SNR, gamma) / (SNR + 1)."""
+    A v error is an x_0 error times SNR + 1 (x_0 - x0_hat = sqrt(1 - abar) (v_hat - v)): min(SNR, gamma) / (SNR + 1).
+    (The official code, kyungmnlee/dco@164ae17 customize.py:956-962, has an older diffusers script's v weight
+    min(SNR, gamma) / SNR + 1: the same for the epsilon SDXL the paper trains, NaN at zero terminal SNR.)"""
     s = snr(t, alphas_cumprod)
     return torch.clamp(s, max=gamma) / (s + 1 if prediction_type == "v_prediction" else s)
 
