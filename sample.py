@@ -49,13 +49,12 @@ SPACINGS = ("leading", "trailing", "linspace")
 
 
 def spaced_timesteps(steps, num_train_timesteps=1000, spacing="leading", offset=1):
-    """The N = `steps` timesteps a sampler visits, high to low (Lin et al. 2023, Table 2). With T = 1000, N = 4:
-        leading   t = (0, r, 2r, ...)[::-1] + offset, r = T // N    751, 501, 251, 1   (SDXL; never visits t = 999)
-        trailing  t = round(T, T - T/N, ..., T/N) - 1              999, 749, 499, 249 (starts where training's
-                                                                                       noisiest x_t is)
-        linspace  t = linspace(0, T - 1, N)[::-1]                  999, 666, 333, 0   (not whole numbers for most N;
-                                                                                       the sampler decides)
-    steps_offset only shifts "leading", as in diffusers."""
+    """The N = `steps` timesteps a sampler visits, high to low (Lin et al. 2023, Table 2); for T = 1000, N = 4:
+        leading:  (0, r, 2r, ...)[::-1] + offset, r = T // N  -> 751, 501, 251, 1   (SDXL's; never starts at 999)
+        trailing: round(T, T - T/N, ..., T/N) - 1             -> 999, 749, 499, 249
+        linspace: linspace(0, T - 1, N)[::-1]                 -> 999, 666, 333, 0   (N = 5: 749.25, ...: fractional)
+    Lin et al. argue for trailing: sampling should start at the noisiest x_t training has seen. steps_offset shifts
+    only leading, as in diffusers. Euler takes a fractional t as it is, DDIM rounds it."""
     T = num_train_timesteps
     if not 1 <= steps < T:
         raise ValueError(f"--steps {steps}: must be between 1 and {T - 1}")
@@ -231,9 +230,10 @@ def guided_eps(unet, cond, cfg=5.0, wcon=0.0, guidance_rescale=0.0):
     summing to 1, so it means the same in either): x_t stacked once per row group, ONE UNet call, then the guidance
     formula of the module docstring. Each call sets the LoRA scale of every row (see `conditioning`).
 
-    guidance_rescale phi > 0 rescales the guided output towards the std of theta's conditional prediction
-    eps_theta(x_t, c) (rescale_guidance) -- under CFG as diffusers does, and under consistency guidance too: it is
-    the prediction the formula reduces to when every weight is 1, so phi changes nothing unless guidance does."""
+    guidance_rescale phi > 0 rescales the guided output towards the std of a conditional prediction
+    (rescale_guidance): under CFG theta's eps_theta(x_t, c), as diffusers; under consistency guidance phi's
+    eps_phi(x_t, c_base), the conditional prediction of the CFG part that w_con then pushes, as the official pipeline
+    (kyungmnlee/dco@164ae17 reward_guidance.py:505-515)."""
     context, pooled, time_ids, scale = cond
     loras = list(lora_modules(unet).values())
 
@@ -243,13 +243,13 @@ def guided_eps(unet, cond, cfg=5.0, wcon=0.0, guidance_rescale=0.0):
         out = unet(x.repeat(len(context) // len(x), 1, 1, 1), t, context, pooled, time_ids).float()
         if wcon:
             e_empty, e_base, e_c = out.chunk(3)
-            guided = e_empty + cfg * (e_base - e_empty) + wcon * (e_c - e_base)
+            guided, cond_pred = e_empty + cfg * (e_base - e_empty) + wcon * (e_c - e_base), e_base
         elif cfg > 1:
             e_empty, e_c = out.chunk(2)
-            guided = e_empty + cfg * (e_c - e_empty)
+            guided, cond_pred = e_empty + cfg * (e_c - e_empty), e_c
         else:
             return out  # no guidance: nothing to rescale
-        return rescale_guidance(guided, e_c, guidance_rescale) if guidance_rescale else guided
+        return rescale_guidance(guided, cond_pred, guidance_rescale) if guidance_rescale else guided
 
     return model_fn
 

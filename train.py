@@ -408,7 +408,8 @@ class TrainData:
 
 def train(args, loss_fn=None):
     """Train a LoRA (+ new token rows) as `args` say. loss_fn(eps_theta, eps_phi, eps, beta) -> (loss, reward)
-    replaces the loss of --loss (the default, DCO, is dco.dco_loss); phi is computed for every loss but db/db-prior."""
+    replaces the loss of --loss (the default, DCO, is dco.dco_loss); phi is computed for every loss but db/db-prior.
+    With --snr-gamma loss_fn also gets weights= (per sample); for a v-prediction base "eps" is the target v."""
     # --- data: images, captions, and phi's base prompts ("<dog>" -> "dog")
     name, paths, captions, base_prompts, tokens, inits = read_data(args)
     images = [load_image(p, args.resolution) for p in paths]  # every image is read now: bad files fail early
@@ -422,7 +423,7 @@ def train(args, loss_fn=None):
 
     # --- the model: UNet and text encoders in the training dtype, the VAE in fp32 (see sdxl.py)
     sd = load_sdxl(args.model, device=device, dtype=dtype)
-    check_scheduler_config(sd.scheduler)  # e.g. a v-prediction base is fine; what is not fails before any file
+    check_scheduler_config(sd.scheduler)  # a setting this code cannot train fails here, before any file is written
     captions, base_prompts, tokens, inits = prepare_captions(name, captions, base_prompts, tokens, inits, sd.tokenizer)
     check_model_fits(sd, args, paths, captions, tokens)
     config = {**vars(args), "name": name, "output": out, "device": str(device), "mixed_precision": mp,
