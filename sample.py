@@ -491,6 +491,9 @@ def run(args):
         raise ValueError("--wcon > 0 needs a --lora: consistency guidance compares a LoRA model with the base model")
     if args.n < 1:
         raise ValueError(f"--n {args.n}: must be at least 1")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise ValueError(f"--guidance-rescale {args.guidance_rescale:g}: must be between 0 and 1 (0.7 in Lin et al. "
+                         "2023)")
     dtype = DTYPES[args.dtype or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")]
     sd = load_sdxl(args.model, device=args.device, dtype=dtype)
     tokens = {}

@@ -221,6 +221,15 @@ def test_unsupported_settings_are_refused_in_one_line(fields, sampler, name, tin
     assert "\n" not in str(e.value) and str(e.value).startswith("scheduler config: ")
 
 
+def test_guidance_rescale_out_of_range_is_refused(tiny_sdxl):
+    sd = load_sdxl(str(tiny_sdxl[0]))
+    for phi in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="--guidance-rescale"):
+            sample.generate_latents(sd, PROMPT, height=H, width=W, steps=1, guidance_rescale=phi, progress=False)
+    with pytest.raises(SystemExit, match="--guidance-rescale"):  # the CLI: before the model is loaded
+        sample.main(["--prompt", PROMPT, "--model", "no/such-model", "--guidance-rescale", "2"])
+
+
 def test_clip_sample_does_not_concern_euler(tiny_sdxl):
     sd = load_sdxl(str(tiny_sdxl[0]))
     sd.scheduler = {**sd.scheduler, "clip_sample": True}  # DDIMScheduler's field; diffusers' Euler ignores it
