@@ -54,8 +54,8 @@ def check_scheduler_config(cfg):
     if cfg.get("rescale_betas_zero_snr") and prediction == "epsilon":
         # At SNR 0 the input x_T holds no image and equals eps: an eps-model's x_0 = (x_T - eps) / 0 is undefined
         # (Lin et al. 2023, Sec. 3.2: zero terminal SNR needs v-prediction).
-        raise ValueError("scheduler config: rescale_betas_zero_snr true needs prediction_type v_prediction (an "
-                         "epsilon model cannot denoise pure noise); set one of the two")
+        raise ValueError("scheduler config: rescale_betas_zero_snr true needs prediction_type v_prediction (at zero "
+                         "SNR an epsilon model cannot recover x_0 from pure noise); correct whichever is wrong")
 
 
 def alphas_cumprod(scheduler_config=None):
