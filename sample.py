@@ -22,7 +22,9 @@ own LoRA scale ([0, 0, 1] for [empty, c_base, c]); the official code makes two c
 
 Same seed, same picture as diffusers: the starting noise is drawn exactly as StableDiffusionXLPipeline draws it with
 generator=torch.Generator("cpu").manual_seed(seed), and every default (schedule, micro-conditioning, empty negative
-prompt) is diffusers' for SDXL, so `tests/test_sample.py` can compare latents with the pipeline.
+prompt) is diffusers' for SDXL, so `tests/test_sample.py` can compare latents with the pipeline. A fine-tune's
+scheduler_config.json is honoured the same way (timestep spacing, zero terminal SNR, v-prediction:
+`tests/test_schedulers.py`), and what is not written here is refused (check_sampler_config).
 """
 import argparse
 import os
