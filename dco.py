@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------------------------------------
-# DDPM noise schedule (Ho et al. 2020) with SDXL's "scaled_linear" betas
+# DDPM noise schedule (Ho et al. 2020): SDXL's "scaled_linear" betas, and what fine-tunes' scheduler configs change
 
 
 def scaled_linear_betas(beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000):
@@ -28,16 +28,53 @@ def scaled_linear_betas(beta_start=0.00085, beta_end=0.012, num_train_timesteps=
     return torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
 
 
+def zero_terminal_snr(alphas_cumprod):
+    """Lin, Liu, Li, Yang 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", Alg. 1: shift
+    sqrt(alpha_bar) so that the last one is 0, and scale it so that the first one is unchanged.
+
+    Why: SDXL's alpha_bar_999 = 0.0047 leaves 7% of the image in x_999, so training never shows the model pure noise,
+    yet sampling starts from pure noise (the model then cannot make a very dark or bright image). After the rescale
+    x_999 is pure noise: SNR_999 = 0. (The paper goes back to betas; only alpha_bar is needed here.)"""
+    s = alphas_cumprod.sqrt()
+    s = (s - s[-1]) * s[0] / (s[0] - s[-1])
+    return s ** 2
+
+
+def check_scheduler_config(cfg):
+    """Refuse, in one line naming the field, what this code would otherwise get silently wrong in training and in
+    both samplers (sample.check_sampler_config adds what only sampling uses)."""
+    schedule, prediction = cfg.get("beta_schedule", "scaled_linear"), cfg.get("prediction_type", "epsilon")
+    if schedule not in ("scaled_linear", "linear") or cfg.get("trained_betas"):
+        what = "trained_betas" if cfg.get("trained_betas") else f"beta_schedule {schedule!r}"
+        raise ValueError(f"scheduler config: {what} is not supported; SDXL bases use beta_schedule scaled_linear "
+                         "(or linear)")
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"scheduler config: prediction_type {prediction!r} is not supported; use epsilon or "
+                         "v_prediction")
+    if cfg.get("rescale_betas_zero_snr") and prediction == "epsilon":
+        # At SNR 0 the input x_T holds no image and equals eps: an eps-model's x_0 = (x_T - eps) / 0 is undefined
+        # (Lin et al. 2023, Sec. 3.2: zero terminal SNR needs v-prediction).
+        raise ValueError("scheduler config: rescale_betas_zero_snr true needs prediction_type v_prediction (at zero "
+                         "SNR an epsilon model cannot recover x_0 from pure noise); correct whichever is wrong")
+
+
 def alphas_cumprod(scheduler_config=None):
-    """alpha_bar_t = prod_{s<=t} (1 - beta_s), from a scheduler_config.json dict (SDXL's values by default).
+    """alpha_bar_t = prod_{s<=t} (1 - beta_s), from a scheduler_config.json dict (SDXL's values by default):
+    beta_schedule scaled_linear or linear, and rescale_betas_zero_snr (then alpha_bar_999 = 0 exactly).
 
     Computed in float64 and returned as float32: 1000 products in fp32 drift by ~1e-6.
     """
     cfg = scheduler_config or {}
-    if cfg.get("beta_schedule", "scaled_linear") != "scaled_linear" or cfg.get("trained_betas"):
-        raise ValueError(f"scheduler config: only SDXL's scaled_linear schedule is supported, got {cfg.get('beta_schedule')}")
-    betas = scaled_linear_betas(cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012), cfg.get("num_train_timesteps", 1000))
-    return torch.cumprod(1.0 - betas, dim=0).float()
+    check_scheduler_config(cfg)
+    start, end, T = cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012), cfg.get("num_train_timesteps", 1000)
+    if cfg.get("beta_schedule", "scaled_linear") == "scaled_linear":
+        betas = scaled_linear_betas(start, end, T)
+    else:
+        betas = torch.linspace(start, end, T, dtype=torch.float64)
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    if cfg.get("rescale_betas_zero_snr"):
+        abar = zero_terminal_snr(abar)
+    return abar.float()
 
 
 def _at(values, t, x):
@@ -71,11 +108,26 @@ def sample_noise(like, offset_noise=0.0, generator=None):
     return eps
 
 
-def min_snr_weights(t, alphas_cumprod, gamma=5.0):
-    """Min-SNR-gamma loss weights for eps-prediction, min(SNR_t, gamma) / SNR_t (Hang et al. 2023):
-    down-weights the easy low-noise steps that otherwise dominate the gradient."""
+def training_target(x0, eps, t, alphas_cumprod, prediction_type="epsilon"):
+    """What the UNet learns to predict from x_t: the noise eps, or for a v-prediction base (prediction_type
+    v_prediction) the velocity v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, Sec. 4).
+    v stays a useful target at SNR 0, where x_t = eps and predicting eps would be trivial. The losses below only
+    compare a prediction with its target, so DCO and DreamBooth on a v-model compare v's."""
+    if prediction_type == "epsilon":
+        return eps
+    a = _at(alphas_cumprod, t, x0)
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def min_snr_weights(t, alphas_cumprod, gamma=5.0, prediction_type="epsilon"):
+    """Min-SNR-gamma loss weights (Hang et al. 2023): weigh each step's error as an x_0 error times min(SNR_t, gamma),
+    which down-weights the easy low-noise steps that otherwise dominate the gradient.
+    An eps error is an x_0 error times SNR (x_0 - x0_hat = (eps_hat - eps) / sqrt(SNR)): weight min(SNR, gamma) / SNR.
+    A v error is an x_0 error times SNR + 1 (x_0 - x0_hat = sqrt(1 - abar) (v_hat - v)): min(SNR, gamma) / (SNR + 1).
+    (The official code, kyungmnlee/dco@164ae17 customize.py:956-962, has an older diffusers script's v weight
+    min(SNR, gamma) / SNR + 1: the same for the epsilon SDXL the paper trains, NaN at zero terminal SNR.)"""
     s = snr(t, alphas_cumprod)
-    return torch.clamp(s, max=gamma) / s
+    return torch.clamp(s, max=gamma) / (s + 1 if prediction_type == "v_prediction" else s)
 
 
 # ----------------------------------------------------------------------------------------------------------

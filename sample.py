@@ -22,7 +22,9 @@ own LoRA scale ([0, 0, 1] for [empty, c_base, c]); the official code makes two c
 
 Same seed, same picture as diffusers: the starting noise is drawn exactly as StableDiffusionXLPipeline draws it with
 generator=torch.Generator("cpu").manual_seed(seed), and every default (schedule, micro-conditioning, empty negative
-prompt) is diffusers' for SDXL, so `tests/test_sample.py` can compare latents with the pipeline.
+prompt) is diffusers' for SDXL, so `tests/test_sample.py` can compare latents with the pipeline. A fine-tune's
+scheduler_config.json is honoured the same way (timestep spacing, zero terminal SNR, v-prediction:
+`tests/test_schedulers.py`), and what is not written here is refused (check_sampler_config).
 """
 import argparse
 import os
@@ -42,60 +44,122 @@ from lora import apply_lora, load_lora_file, lora_modules, lora_scale
 from text_encoder import resize_token_embeddings
 
 # ----------------------------------------------------------------------------------------------------------
-# Samplers: pure functions of eps_fn(x_t, t) -> guided noise prediction. SDXL's defaults (diffusers, see
-# scheduler_config.json): "leading" timestep spacing with steps_offset 1.
+# Samplers: pure functions of model_fn(x_t, t) -> the guided model output (eps, or v for a v-prediction base). The
+# schedule comes from the model's scheduler_config.json; SDXL's is "leading" timestep spacing with steps_offset 1.
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def spaced_timesteps(steps, num_train_timesteps=1000, spacing="leading", offset=1):
+    """The N = `steps` timesteps a sampler visits, high to low (Lin et al. 2023, Table 2); for T = 1000, N = 4:
+        leading:  (0, r, 2r, ...)[::-1] + offset, r = T // N  -> 751, 501, 251, 1   (SDXL's; never starts at 999)
+        trailing: round(T, T - T/N, ..., T/N) - 1             -> 999, 749, 499, 249
+        linspace: linspace(0, T - 1, N)[::-1]                 -> 999, 666, 333, 0   (N = 5: 749.25, ...: fractional)
+    Lin et al. argue for trailing: sampling should start at the noisiest x_t training has seen. steps_offset shifts
+    only leading, as in diffusers. Euler takes a fractional t as it is, DDIM rounds it."""
+    T = num_train_timesteps
+    if not 1 <= steps < T:
+        raise ValueError(f"--steps {steps}: must be between 1 and {T - 1}")
+    if spacing == "leading":
+        return (torch.arange(steps) * (T // steps)).flip(0) + offset
+    if spacing == "trailing":
+        return (T - torch.arange(steps, dtype=torch.float64) * (T / steps)).round().long() - 1
+    if spacing == "linspace":
+        return torch.linspace(0, T - 1, steps, dtype=torch.float64).flip(0).float()  # float32, as diffusers' Euler
+    raise ValueError(f"scheduler config: timestep_spacing {spacing!r} is not supported; use one of "
+                     f"{', '.join(SPACINGS)}")
 
 
 def leading_timesteps(steps, num_train_timesteps=1000, offset=1):
-    """t = (0, r, 2r, ...)[::-1] + offset with r = T // steps: 30 steps -> 958, 925, ..., 34, 1 (t=999 is never used)."""
-    if not 1 <= steps < num_train_timesteps:
-        raise ValueError(f"--steps {steps}: must be between 1 and {num_train_timesteps - 1}")
-    return (torch.arange(steps) * (num_train_timesteps // steps)).flip(0) + offset
+    """SDXL's default spacing: 30 steps -> 958, 925, ..., 34, 1."""
+    return spaced_timesteps(steps, num_train_timesteps, "leading", offset)
 
 
-def euler_schedule(alphas_cumprod, steps, offset=1):
+def x0_and_eps(out, x_t, abar, prediction_type="epsilon"):
+    """The model output at x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps, as the (x_0, eps) pair it predicts.
+
+    epsilon: eps = out, and x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) -- undefined at abar = 0.
+    v_prediction (Salimans & Ho 2022, Sec. 4): v = sqrt(abar) eps - sqrt(1 - abar) x_0. With cos(phi) = sqrt(abar),
+    (x_t, v) is (x_0, eps) rotated by phi, so rotating back gives
+        x_0 = sqrt(abar) x_t - sqrt(1 - abar) v,      eps = sqrt(1 - abar) x_t + sqrt(abar) v
+    (check: sqrt(1 - abar) x_t + sqrt(abar) v = (1 - abar) eps + abar eps + 0 * x_0 = eps). Both stay finite at
+    abar = 0 (zero terminal SNR), where x_0 = -v and eps = x_t."""
+    if prediction_type == "v_prediction":
+        return abar ** 0.5 * x_t - (1 - abar) ** 0.5 * out, (1 - abar) ** 0.5 * x_t + abar ** 0.5 * out
+    return (x_t - (1 - abar) ** 0.5 * out) / abar ** 0.5, out
+
+
+def euler_schedule(alphas_cumprod, steps, offset=1, spacing="leading"):
     """(sigmas [N+1], timesteps [N]): sigma_t = sqrt((1 - abar_t) / abar_t) at each step, then a final 0.
 
     sigma is the noise level of x_t / sqrt(abar_t) = x_0 + sigma * eps, the "variance exploding" view of the same
-    process (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models")."""
-    t = leading_timesteps(steps, len(alphas_cumprod), offset)
-    a = alphas_cumprod[t]
-    return torch.cat([((1 - a) / a).sqrt(), a.new_zeros(1)]), t
+    process (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"). A fractional t
+    (linspace) gets sigma linearly interpolated between its two neighbours, and is given to the UNet as it is (its
+    sinusoidal embedding takes any real t). With zero terminal SNR abar_999 = 0 and sigma_999 would be infinite: like
+    diffusers we let abar be no smaller than 2^-24 (fp16's smallest subnormal; sigma_max = 4096), so x_999 is
+    noise plus 2^-12 of the image -- far below anything visible."""
+    t = spaced_timesteps(steps, len(alphas_cumprod), spacing, offset)
+    a = alphas_cumprod.clamp(min=2 ** -24)
+    sigma = ((1 - a) / a).sqrt().double()
+    lo = t.floor().long()
+    frac = t - lo
+    sigmas = (sigma[lo] * (1 - frac) + sigma[(lo + 1).clamp(max=len(a) - 1)] * frac).float()
+    return torch.cat([sigmas, sigmas.new_zeros(1)]), t
 
 
-def sample_euler(eps_fn, noise, sigmas, timesteps, progress=False):
+def sample_euler(model_fn, noise, sigmas, timesteps, progress=False, *, prediction_type="epsilon", start_sigma=None):
     """Euler's method on the probability-flow ODE dx/dsigma = eps in x = x_0 + sigma * eps (Karras et al. 2022,
     Alg. 1 without churn). The start is pure noise of variance sigma_max^2 + 1 (diffusers' init_noise_sigma: noise on
     top of a unit-variance latent), and the UNet, trained on x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps, gets
-    x_t = x / sqrt(sigma^2 + 1) since abar = 1 / (sigma^2 + 1)."""
+    x_t = x / sqrt(sigma^2 + 1) since abar = 1 / (sigma^2 + 1). model_fn's output is turned into eps by x0_and_eps.
+    start_sigma: the start's standard deviation instead of sqrt(sigma_max^2 + 1); diffusers starts "trailing" and
+    "linspace" schedules at sigma_max (generate_latents follows it, for the same picture)."""
     s = sigmas.tolist()  # Python floats: nothing in the loop waits for the device
-    x = noise * (s[0] ** 2 + 1) ** 0.5
+    x = noise * (start_sigma if start_sigma is not None else (s[0] ** 2 + 1) ** 0.5)
     for i in tqdm(range(len(timesteps)), disable=not progress):
-        eps = eps_fn(x / (s[i] ** 2 + 1) ** 0.5, timesteps[i])
+        x_t = x / (s[i] ** 2 + 1) ** 0.5
+        _, eps = x0_and_eps(model_fn(x_t, timesteps[i]), x_t, 1 / (s[i] ** 2 + 1), prediction_type)
         x = x + (s[i + 1] - s[i]) * eps
     return x
 
 
-def ddim_schedule(alphas_cumprod, steps, offset=1):
-    """(alphas [N+1], timesteps [N]): abar at each step, then the abar the last step goes to. The last step is t=1 and
-    "t = 1 - T/N" does not exist: diffusers' DDIM with SDXL's `set_alpha_to_one: false` uses abar_0 there, so DDIM
-    ends at sigma_0 = 0.029, not at a clean x_0."""
-    t = leading_timesteps(steps, len(alphas_cumprod), offset)
-    last = (t[-1:] - len(alphas_cumprod) // steps).clamp(min=0)
-    return torch.cat([alphas_cumprod[t], alphas_cumprod[last]]), t
+def ddim_schedule(alphas_cumprod, steps, offset=1, spacing="leading", set_alpha_to_one=False):
+    """(alphas [N+1], timesteps [N]): abar at each step, then the abar the last step goes to. Timesteps are whole
+    numbers (linspace rounded). After the last step "t - T/N" does not exist: SDXL's `set_alpha_to_one: false` goes
+    to abar_0 there (DDIM then ends at sigma_0 = 0.029, not at a clean x_0), `true` to abar = 1."""
+    t = spaced_timesteps(steps, len(alphas_cumprod), spacing, offset).round().long()
+    last = alphas_cumprod.new_ones(1) if set_alpha_to_one else alphas_cumprod[:1]
+    return torch.cat([alphas_cumprod[t], last]), t
 
 
-def sample_ddim(eps_fn, noise, alphas, timesteps, progress=False):
-    """Deterministic DDIM, eta = 0 (Song et al. 2021, Eq. 12): estimate x_0 from the predicted noise, then put the
-    same noise back at the next (lower) level. In x / sqrt(abar) this is exactly the Euler step above: with SDXL's
-    schedule the two samplers differ only in where the last step lands."""
+def sample_ddim(model_fn, noise, alphas, timesteps, progress=False, *, prediction_type="epsilon"):
+    """Deterministic DDIM, eta = 0 (Song et al. 2021, Eq. 12): estimate x_0 from the model output, then put the
+    same noise back at the next (lower) level of the sequence -- the next timestep of the list, whatever the spacing
+    (diffusers' DDIM steps to t - T // N instead, right only for "leading": huggingface/diffusers#12633). In
+    x / sqrt(abar) an epsilon-model's step is exactly the Euler step above: with SDXL's schedule the two samplers
+    differ only in where the last step lands. The start is noise of unit variance (abar_T is about 0)."""
     a = alphas.tolist()
     x = noise
     for i in tqdm(range(len(timesteps)), disable=not progress):
-        eps = eps_fn(x, timesteps[i])
-        x0 = (x - (1 - a[i]) ** 0.5 * eps) / a[i] ** 0.5
+        x0, eps = x0_and_eps(model_fn(x, timesteps[i]), x, a[i], prediction_type)
         x = a[i + 1] ** 0.5 * x0 + (1 - a[i + 1]) ** 0.5 * eps
     return x
+
+
+def check_sampler_config(cfg, sampler):
+    """Refuse, in one line naming the field, scheduler settings that change sampling in ways not written here
+    (dco.check_scheduler_config refuses the ones that change the schedule itself)."""
+    if cfg.get("timestep_spacing", "leading") not in SPACINGS:
+        raise ValueError(f"scheduler config: timestep_spacing {cfg['timestep_spacing']!r} is not supported; use one "
+                         f"of {', '.join(SPACINGS)}")
+    defaults = {"interpolation_type": "linear", "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                "use_beta_sigmas": False, "timestep_type": "discrete", "final_sigmas_type": "zero"}
+    if sampler == "ddim":  # fields of diffusers' DDIMScheduler; its Euler ignores them
+        defaults.update(clip_sample=False, thresholding=False)
+    for field, default in defaults.items():
+        if cfg.get(field) not in (None, default):
+            raise ValueError(f"scheduler config: {field} {cfg[field]!r} is not supported (only {default!r}); edit the "
+                             "model's scheduler/scheduler_config.json to sample without it")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,25 +217,43 @@ def conditioning(sd, prompts, *, negative_prompt=None, base_prompts=None, height
     return context, pooled, time_ids, [s for s in scales for _ in range(len(prompts) * n)]
 
 
-def guided_eps(unet, cond, cfg=5.0, wcon=0.0):
-    """eps_fn(x_t, t) -> guided noise prediction: x_t stacked once per row group, ONE UNet call, then the guidance
-    formula of the module docstring. Each call sets the LoRA scale of every row (see `conditioning`)."""
+def rescale_guidance(guided, cond, phi):
+    """Guidance rescale (Lin et al. 2023, Sec. 3.4, Eq. 15-16): a large guidance weight inflates the prediction's
+    standard deviation beyond anything the model predicts on its own (over-exposed, over-saturated images). Rescale
+    it, per image, to the std of the conditional prediction, and mix by phi to avoid plain-looking images:
+        x_rescaled = x_cfg * std(x_pos) / std(x_cfg),    x = phi * x_rescaled + (1 - phi) * x_cfg."""
+    dims = list(range(1, guided.ndim))
+    rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+    return phi * rescaled + (1 - phi) * guided
+
+
+def guided_eps(unet, cond, cfg=5.0, wcon=0.0, guidance_rescale=0.0):
+    """model_fn(x_t, t) -> guided model output (eps, or v for a v-prediction base; guidance is affine with weights
+    summing to 1, so it means the same in either): x_t stacked once per row group, ONE UNet call, then the guidance
+    formula of the module docstring. Each call sets the LoRA scale of every row (see `conditioning`).
+
+    guidance_rescale phi > 0 rescales the guided output towards the std of a conditional prediction
+    (rescale_guidance): under CFG theta's eps_theta(x_t, c), as diffusers; under consistency guidance phi's
+    eps_phi(x_t, c_base), the conditional prediction of the CFG part that w_con then pushes, as the official pipeline
+    (kyungmnlee/dco@164ae17 reward_guidance.py:505-515)."""
     context, pooled, time_ids, scale = cond
     loras = list(lora_modules(unet).values())
 
-    def eps_fn(x, t):
+    def model_fn(x, t):
         for m in loras:
             m.scale = scale
-        eps = unet(x.repeat(len(context) // len(x), 1, 1, 1), t, context, pooled, time_ids).float()
+        out = unet(x.repeat(len(context) // len(x), 1, 1, 1), t, context, pooled, time_ids).float()
         if wcon:
-            e_empty, e_base, e_c = eps.chunk(3)
-            return e_empty + cfg * (e_base - e_empty) + wcon * (e_c - e_base)
-        if cfg > 1:
-            e_empty, e_c = eps.chunk(2)
-            return e_empty + cfg * (e_c - e_empty)
-        return eps
+            e_empty, e_base, e_c = out.chunk(3)
+            guided, cond_pred = e_empty + cfg * (e_base - e_empty) + wcon * (e_c - e_base), e_base
+        elif cfg > 1:
+            e_empty, e_c = out.chunk(2)
+            guided, cond_pred = e_empty + cfg * (e_c - e_empty), e_c
+        else:
+            return out  # no guidance: nothing to rescale
+        return rescale_guidance(guided, cond_pred, guidance_rescale) if guidance_rescale else guided
 
-    return eps_fn
+    return model_fn
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,19 +263,26 @@ def guided_eps(unet, cond, cfg=5.0, wcon=0.0):
 # inference_mode, not just no_grad: no version counters or view tracking on the ~2,000 ops of each UNet call.
 @torch.inference_mode()
 def generate_latents(sd, prompts, *, negative_prompt=None, base_prompts=None, height=1024, width=1024, steps=30,
-                     cfg=5.0, wcon=0.0, sampler="euler", seed=0, n=1, lora_multiplier=1.0, device=None, progress=True):
+                     cfg=5.0, wcon=0.0, guidance_rescale=0.0, sampler="euler", seed=0, n=1, lora_multiplier=1.0,
+                     device=None, progress=True):
     """Final latents [len(prompts) * n, 4, height/8, width/8] (float32, before the VAE).
 
     cfg: classifier-free guidance weight (diffusers' default 5.0). wcon: consistency guidance weight; 0 = plain
-    sampling with the LoRA on. base_prompts: c_base for wcon > 0 (default: the prompts themselves).
-    negative_prompt: None = SDXL's zero embeddings. lora_multiplier: the LoRA scale of theta. seed: as diffusers'
-    generator=torch.Generator("cpu").manual_seed(seed)."""
+    sampling with the LoRA on. guidance_rescale: phi of Lin et al. 2023 (0 = off; 0.7 in the paper).
+    base_prompts: c_base for wcon > 0 (default: the prompts themselves). negative_prompt: None = SDXL's zero
+    embeddings. lora_multiplier: the LoRA scale of theta. seed: as diffusers' generator=torch.Generator("cpu").
+    manual_seed(seed). The model's scheduler config decides the timesteps (timestep_spacing, steps_offset), the
+    schedule (rescale_betas_zero_snr) and what the UNet predicts (prediction_type epsilon or v_prediction)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if sd.scheduler.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"scheduler config: prediction_type {sd.scheduler['prediction_type']!r}; only epsilon "
-                         "prediction (SDXL base) is supported")
     if sampler not in ("euler", "ddim"):
         raise ValueError(f"--sampler {sampler}: choose euler or ddim")
+    if not 0 <= guidance_rescale <= 1:
+        raise ValueError(f"--guidance-rescale {guidance_rescale:g}: must be between 0 and 1 (0.7 in Lin et al. 2023)")
+    sched = sd.scheduler
+    check_sampler_config(sched, sampler)
+    abar = alphas_cumprod(sched)  # refuses unsupported schedules and prediction types
+    spacing, offset = sched.get("timestep_spacing", "leading"), sched.get("steps_offset", 1)
+    prediction = sched.get("prediction_type", "epsilon")
     f = 2 ** (len(sd.vae.config["block_out_channels"]) - 1)  # the VAE's downsampling factor, 8
     multiple = f * 2 ** (len(sd.unet.down_blocks) - 1)  # the UNet halves the latent (levels - 1) times
     if height % multiple or width % multiple or height <= 0 or width <= 0:
@@ -201,17 +290,18 @@ def generate_latents(sd, prompts, *, negative_prompt=None, base_prompts=None, he
     device = torch.device(device) if device is not None else next(sd.unet.parameters()).device
     cond = conditioning(sd, prompts, negative_prompt=negative_prompt, base_prompts=base_prompts, height=height,
                         width=width, n=n, cfg=cfg, wcon=wcon, lora_multiplier=lora_multiplier)
-    eps_fn = guided_eps(sd.unet, cond, cfg, wcon)
+    model_fn = guided_eps(sd.unet, cond, cfg, wcon, guidance_rescale)
     # diffusers' prepare_latents with a CPU generator: one float32 draw for the whole batch, then to the device.
     shape = (len(prompts) * n, sd.unet.conv_in.in_channels, height // f, width // f)
     noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32).to(device)
-    abar, offset = alphas_cumprod(sd.scheduler), sd.scheduler.get("steps_offset", 1)
     with lora_scale(sd.unet, cond[3]):  # the caller's LoRA scales come back afterwards
         if sampler == "euler":
-            sigmas, t = euler_schedule(abar, steps, offset)
-            return sample_euler(eps_fn, noise, sigmas, t.to(device), progress)
-        alphas, t = ddim_schedule(abar, steps, offset)
-        return sample_ddim(eps_fn, noise, alphas, t.to(device), progress)
+            sigmas, t = euler_schedule(abar, steps, offset, spacing)
+            start = None if spacing == "leading" else sigmas[0].item()  # diffusers' init_noise_sigma, see sample_euler
+            return sample_euler(model_fn, noise, sigmas, t.to(device), progress, prediction_type=prediction,
+                                start_sigma=start)
+        alphas, t = ddim_schedule(abar, steps, offset, spacing, sched.get("set_alpha_to_one", False))
+        return sample_ddim(model_fn, noise, alphas, t.to(device), progress, prediction_type=prediction)
 
 
 @torch.no_grad()
@@ -386,6 +476,8 @@ def main(argv=None):
     p.add_argument("--wcon", type=wcon_list, help="consistency guidance weight(s), e.g. 3 or 0,1,2,3,4 for a sweep grid "
                                   "(default 3 with --lora, 0 without)")
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance weight")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi of Lin et al. 2023 (0.7 there): pulls "
+                   "the guided prediction's std back to the conditional one's (against over-exposure); 0 = off")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--sampler", default="euler", choices=["euler", "ddim"])
     p.add_argument("--seed", type=int, default=0)
@@ -421,6 +513,9 @@ def run(args):
         raise ValueError("--wcon > 0 needs a --lora: consistency guidance compares a LoRA model with the base model")
     if args.n < 1:
         raise ValueError(f"--n {args.n}: must be at least 1")
+    if not 0 <= args.guidance_rescale <= 1:
+        raise ValueError(f"--guidance-rescale {args.guidance_rescale:g}: must be between 0 and 1 (0.7 in Lin et al. "
+                         "2023)")
     dtype = DTYPES[args.dtype or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")]
     names = list(args.token)
     if args.config or args.config_name:
@@ -454,8 +549,9 @@ def run(args):
 
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "base_prompt": base_prompt,
             "model": args.model, "lora": "; ".join(f"{p}:{w:g}" for p, w in loras) or None, "sampler": args.sampler,
-            "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "height": args.height, "width": args.width,
-            "software": "dco sample.py", "method": method, "pool": sd.text_encoder_2.pool}
+            "steps": args.steps, "cfg": args.cfg, "guidance_rescale": args.guidance_rescale or None, "seed": args.seed,
+            "height": args.height, "width": args.width, "software": "dco sample.py", "method": method,
+            "pool": sd.text_encoder_2.pool}
     meta = {k: v for k, v in meta.items() if v is not None}
     stem, ext = os.path.splitext(args.out)
     ext = ext or ".png"
@@ -463,7 +559,7 @@ def run(args):
     for wcon in wcons:
         images = generate(sd, [args.prompt], negative_prompt=args.negative_prompt, base_prompts=base_prompt,
                           height=args.height, width=args.width, steps=args.steps, cfg=args.cfg, wcon=wcon,
-                          sampler=args.sampler, seed=args.seed, n=args.n)
+                          guidance_rescale=args.guidance_rescale, sampler=args.sampler, seed=args.seed, n=args.n)
         rows.append(images)
         if len(wcons) == 1 and args.n == 1:
             save_png(images[0], stem + ext, {**meta, "wcon": f"{wcon:g}"})

@@ -35,8 +35,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import checkpoint
-from dco import (add_noise, alphas_cumprod, dco_loss, diffusion_loss, prior_preservation_loss, sample_noise,
-                 sample_timesteps)
+from dco import (add_noise, alphas_cumprod, check_scheduler_config, dco_loss, diffusion_loss, min_snr_weights,
+                 prior_preservation_loss, sample_noise, sample_timesteps, training_target)
 from files import DTYPES, save_image, write_json
 from lora import UNET_ATTN, inject_lora, lora_modules, lora_parameters, lora_scale
 from sample import generate
@@ -76,6 +76,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("the loss")
     g.add_argument("--loss", default="dco", choices=["dco", "db", "db-prior"])
     g.add_argument("--beta", type=float, default=1000.0, help="DCO's beta (1000-2000 work in the paper)")
+    g.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5; in DCO on "
+                                                   "both errors, as the official code")
     g = p.add_argument_group("LoRA and optimisation")
     g.add_argument("--steps", type=int, default=1000)
     g.add_argument("--rank", type=int, default=32)
@@ -116,6 +118,8 @@ def parse_args(argv=None):
         raise ValueError(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's downsampling)")
     if args.alpha is not None and not args.alpha > 0:
         raise ValueError(f"--alpha {args.alpha}: must be > 0 (the LoRA's scale is alpha / rank; leave it out for 1)")
+    if args.snr_gamma is not None and args.snr_gamma <= 0:
+        raise ValueError(f"--snr-gamma {args.snr_gamma:g}: must be > 0 (5 in Hang et al. 2023), or left out")
     if args.seed < 0 or args.checkpoint_every < 0 or args.sample_steps < 0:
         raise ValueError("--seed, --checkpoint-every and --sample-steps must be >= 0")
     return args
@@ -314,14 +318,17 @@ def encode_prompts(sd, prompts, amp):
 
 @dataclass
 class Batch:
-    """One step's inputs: noisy latents x_t, the noise eps in them, timesteps t, SDXL's micro-conditioning, and the
-    (context, pooled) conditioning of theta's prompts c and of phi's base prompts c_base (None: no phi, DreamBooth)."""
+    """One step's inputs: noisy latents x_t, the target the UNet should predict (the noise eps in x_t, or v for a
+    v-prediction base: dco.training_target), timesteps t, SDXL's micro-conditioning, the (context, pooled)
+    conditioning of theta's prompts c and of phi's base prompts c_base (None: no phi, DreamBooth), and per-sample
+    loss weights (--snr-gamma; None: unweighted)."""
     xt: torch.Tensor
-    eps: torch.Tensor
+    target: torch.Tensor
     t: torch.Tensor
     time_ids: torch.Tensor
     cond: tuple
     base_cond: tuple | None
+    weights: torch.Tensor | None = None
 
 
 def get_batch(step, data, sd, args, amp):
@@ -338,7 +345,12 @@ def get_batch(step, data, sd, args, amp):
     x0 = latent_dist_sample(means, logvars, g) * sd.vae.scaling_factor
     eps = sample_noise(x0, args.offset_noise, g)
     t = sample_timesteps(len(idx), len(data.alphas_cumprod), generator=g)
-    xt, eps, t = add_noise(x0, eps, t, data.alphas_cumprod).to(data.device), eps.to(data.device), t.to(data.device)
+    prediction = sd.scheduler.get("prediction_type", "epsilon")  # epsilon, or v_prediction for a v-model
+    target = training_target(x0, eps, t, data.alphas_cumprod, prediction).to(data.device)
+    weights = None
+    if args.snr_gamma:
+        weights = min_snr_weights(t, data.alphas_cumprod, args.snr_gamma, prediction).to(data.device)
+    xt, t = add_noise(x0, eps, t, data.alphas_cumprod).to(data.device), t.to(data.device)
     inst = idx[:args.batch_size]
     base_cond = data.base_ctx[inst], data.base_pooled[inst]
     cond = base_cond
@@ -347,21 +359,26 @@ def get_batch(step, data, sd, args, amp):
             cond = sd.encode_prompt([data.captions[i] for i in inst])
     if data.prior is not None:
         cond = torch.cat([cond[0], data.prior[0]]), torch.cat([cond[1], data.prior[1]])
-    return Batch(xt, eps, t, time_ids.to(data.device), cond, base_cond if args.loss == "dco" else None)
+    base_cond = base_cond if args.loss == "dco" else None
+    return Batch(xt, target, t, time_ids.to(data.device), cond, base_cond, weights)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The losses train() can use: loss_fn(eps_theta, eps_phi, eps, beta) -> (loss, implicit reward per sample or None)
+# The losses train() can use: loss_fn(eps_theta, eps_phi, target, beta) -> (loss, implicit reward per sample or None).
+# target is eps (or v for a v-prediction base, and then eps_theta/eps_phi are v-predictions); with --snr-gamma the
+# loss also gets weights= (one per sample).
 
-def db_loss(eps_theta, eps_phi, eps, beta=None):
+def db_loss(eps_theta, eps_phi, eps, beta=None, weights=None):
     """DreamBooth-LoRA: the plain diffusion loss (phi and beta unused)."""
-    return diffusion_loss(eps_theta, eps), None
+    return diffusion_loss(eps_theta, eps, weights), None
 
 
-def db_prior_loss(eps_theta, eps_phi, eps, beta=None, prior_weight=1.0):
-    """DreamBooth with prior preservation: the batch is [instance images; as many class images]."""
+def db_prior_loss(eps_theta, eps_phi, eps, beta=None, prior_weight=1.0, weights=None):
+    """DreamBooth with prior preservation: the batch is [instance images; as many class images]. Min-SNR weights
+    apply to the instance loss (as diffusers' DreamBooth scripts)."""
     B = len(eps) // 2
-    return prior_preservation_loss(eps_theta[:B], eps[:B], eps_theta[B:], eps[B:], prior_weight), None
+    return prior_preservation_loss(eps_theta[:B], eps[:B], eps_theta[B:], eps[B:], prior_weight,
+                                   None if weights is None else weights[:B]), None
 
 
 LOSSES = {"dco": dco_loss, "db": db_loss, "db-prior": db_prior_loss}
@@ -434,8 +451,8 @@ def make_caches(sd, args, *, images, paths, class_paths, captions, base_prompts,
 def train_step(unet, opt, scaler, batch, loss_fn, grad_clip=1.0, amp=nullcontext):
     """One optimisation step on a Batch -> (loss, implicit reward per sample or None). bench.py times exactly this.
 
-    loss_fn(eps_theta, eps_phi, eps) -> (loss, reward). The gradients reach every parameter of `opt` (the LoRA, and
-    the new token rows through batch.cond)."""
+    loss_fn(eps_theta, eps_phi, target) -> (loss, reward), plus weights= with --snr-gamma. The gradients reach every
+    parameter of `opt` (the LoRA, and the new token rows through batch.cond)."""
     eps_phi = None
     if batch.base_cond is not None:
         # phi = the pretrained model = this same UNet with its LoRA switched off (bit-identical to the base):
@@ -446,7 +463,8 @@ def train_step(unet, opt, scaler, batch, loss_fn, grad_clip=1.0, amp=nullcontext
             eps_phi = unet(batch.xt, batch.t, *batch.base_cond, batch.time_ids)
     with amp():
         eps_theta = unet(batch.xt, batch.t, *batch.cond, batch.time_ids)
-    loss, reward = loss_fn(eps_theta, eps_phi, batch.eps)
+    weights = {} if batch.weights is None else {"weights": batch.weights}  # --snr-gamma
+    loss, reward = loss_fn(eps_theta, eps_phi, batch.target, **weights)
     scaler.scale(loss).backward()
     scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], grad_clip)
@@ -476,7 +494,8 @@ class TrainData:
 
 def train(args, loss_fn=None):
     """Train a LoRA (+ new token rows) as `args` say. loss_fn(eps_theta, eps_phi, eps, beta) -> (loss, reward)
-    replaces the loss of --loss (the default, DCO, is dco.dco_loss); phi is computed for every loss but db/db-prior."""
+    replaces the loss of --loss (the default, DCO, is dco.dco_loss); phi is computed for every loss but db/db-prior.
+    With --snr-gamma loss_fn also gets weights= (per sample); for a v-prediction base "eps" is the target v."""
     # --- data: images, captions, and phi's base prompts ("<dog>" -> "dog")
     name, paths, captions, base_prompts, tokens, inits = read_data(args)
     load = functools.partial(load_image, resolution=args.resolution, resample=args.resample,
@@ -493,6 +512,7 @@ def train(args, loss_fn=None):
     # --- the model: UNet and text encoders in the training dtype, the VAE in fp32 (see sdxl.py)
     sd = load_sdxl(args.model, device=device, dtype=dtype, variant=None if mp == "no" else "fp16", vae=args.vae)
     sd.text_encoder.pool = sd.text_encoder_2.pool = args.pool
+    check_scheduler_config(sd.scheduler)  # a setting this code cannot train fails here, before any file is written
     captions, base_prompts, tokens, inits = prepare_captions(name, captions, base_prompts, tokens, inits, sd.tokenizer)
     check_model_fits(sd, args, paths, captions, tokens)
     config = {**vars(args), "name": name, "output": out, "device": str(device), "mixed_precision": mp,

@@ -154,3 +154,66 @@ def test_dco_gradient_is_half_beta_dreambooth_for_a_batch():
         rel = ((x.grad - beta / 2 * y.grad).abs().max() / y.grad.abs().max()).item()
         print(f"{reduction}: |grad DCO - beta/2 grad DB| / |grad DB| = {rel:.3g}")
         assert rel <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fine-tunes' schedules: linear betas, zero terminal SNR, v-prediction, min-SNR weights
+
+
+def test_linear_and_zero_terminal_snr_schedules_match_diffusers():
+    for fields in ({"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+                   {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}):
+        cfg = {**SCHED, **fields}
+        ours, ref = dco.alphas_cumprod(cfg), DDPMScheduler(**cfg).alphas_cumprod
+        print(f"{fields}: alpha_bar max abs diff {(ours - ref).abs().max():.3g}")
+        assert (ours - ref).abs().max() < 1e-6
+    zero = dco.alphas_cumprod({**SCHED, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"})
+    plain = dco.alphas_cumprod(SCHED)
+    assert zero[-1] == 0 and zero[0] == plain[0] and (zero[1:] < plain[1:]).all()  # Lin et al. Alg. 1
+
+
+def test_v_target_matches_diffusers_and_rotates_back():
+    """v = sqrt(abar) eps - sqrt(1 - abar) x_0 against DDPMScheduler.get_velocity, for every t; and
+    sample.x0_and_eps recovers (x_0, eps) from (x_t, v) exactly, at abar = 0 too."""
+    from sample import x0_and_eps
+
+    g = torch.Generator().manual_seed(2)
+    t = torch.arange(1000)
+    x0, eps = torch.randn(1000, 4, 2, 2, generator=g), torch.randn(1000, 4, 2, 2, generator=g)
+    for cfg in (SCHED, {**SCHED, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}):
+        ac = dco.alphas_cumprod(cfg)
+        v = dco.training_target(x0, eps, t, ac, "v_prediction")
+        assert (v - DDPMScheduler(**cfg).get_velocity(x0, eps, t)).abs().max() < 1e-5
+        xt = dco.add_noise(x0, eps, t, ac)
+        for i in (0, 500, 999):
+            got_x0, got_eps = x0_and_eps(v[i], xt[i], ac[i].item(), "v_prediction")
+            assert (got_x0 - x0[i]).abs().max() < 1e-5 and (got_eps - eps[i]).abs().max() < 1e-5
+    assert dco.training_target(x0, eps, t, ac) is eps  # epsilon prediction: the noise itself, untouched
+
+
+def test_min_snr_weights_weigh_the_x0_error_by_min_snr_gamma():
+    """Hang et al. 2023 weigh the x_0 error by min(SNR, gamma). The weights for an eps or a v error are whatever
+    makes weight * ||pred - target||^2 equal min(SNR, gamma) * ||x0_hat - x_0||^2, for any prediction."""
+    from sample import x0_and_eps
+
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([1, 50, 300, 700, 999])
+    x0, eps = torch.randn(5, 4, 4, 4, generator=g), torch.randn(5, 4, 4, 4, generator=g)
+    ac = dco.alphas_cumprod(SCHED)
+    xt = dco.add_noise(x0, eps, t, ac)
+    s = dco.snr(t, ac)
+    for prediction in ("epsilon", "v_prediction"):
+        target = dco.training_target(x0, eps, t, ac, prediction)
+        pred = target + 0.1 * torch.randn(target.shape, generator=g)
+        w = dco.min_snr_weights(t, ac, 5.0, prediction)
+        x0_err = torch.stack([(x0_and_eps(pred[i], xt[i], ac[t[i]].item(), prediction)[0] - x0[i]).pow(2).mean()
+                              for i in range(5)])
+        assert torch.allclose(w * dco.per_sample_mse(pred, target), s.clamp(max=5.0) * x0_err, rtol=1e-3)
+    assert torch.allclose(dco.min_snr_weights(t, ac, 5.0, "v_prediction"), s.clamp(max=5) / (s + 1))
+
+
+def test_weights_multiply_a_zero_gap():
+    """--snr-gamma in DCO: theta = phi still gives exactly log 2 (both errors get the same weight)."""
+    eps_theta, _, eps = _preds()
+    loss, _ = dco.dco_loss(eps_theta, eps_theta.clone(), eps, weights=torch.tensor([0.1, 1.0, 5.0, 0.0]))
+    assert loss.item() == torch.tensor(math.log(2.0)).item()
