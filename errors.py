@@ -85,14 +85,15 @@ def check_device(name):
     return device
 
 
-def token_positions(tokenizer, text, token):
-    """(the 1-based position of `token`'s first use in `text`, the text's length), in content tokens of `tokenizer`
-    (CLIP's BPE, before the new token is added: every learned token counts as one)."""
+def token_positions(tokenizer, text, token=None):
+    """(the 1-based position of `token`'s first use in `text` or None, the text's length), in content tokens of
+    `tokenizer` (CLIP's BPE, before the new token is added: a learned token counts as one)."""
     def count(s):
         return len(tokenizer.encode(s)) if s.strip() else 0
-    at = text.find(token)
+    if token is None or token not in text:
+        return None, count(text)
     parts = text.split(token)
-    return (count(text[:at]) + 1 if at >= 0 else None), sum(count(p) for p in parts) + len(parts) - 1
+    return count(parts[0]) + 1, sum(count(p) for p in parts) + len(parts) - 1
 
 
 def prompt_window(tokenizer):
