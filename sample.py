@@ -32,12 +32,12 @@ import sys
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
-from safetensors import safe_open
 from tqdm import tqdm
 
+import errors
 from dco import alphas_cumprod
-from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, find_lora_files, read_learned_tokens,
-                   save_image)
+from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, check_writable, find_lora_files,
+                   open_safetensors, read_learned_tokens, save_image)
 from lora import apply_lora, load_lora_file, lora_modules, lora_scale
 from text_encoder import resize_token_embeddings
 
@@ -285,7 +285,7 @@ def lora_method(path):
     path = find_lora_files(path)[0]
     if path is None or not path.endswith(".safetensors"):
         return None
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         return (f.metadata() or {}).get("loss")
 
 
@@ -380,10 +380,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), help="UNet and text encoders (default: fp16 on "
                                                                        "cuda, else fp32)")
     args = p.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    errors.cli(lambda: run(args), memory_hint="lower --height/--width or --n, or on a GPU use --dtype fp16")
 
 
 def run(args):
@@ -397,6 +394,12 @@ def run(args):
         if not os.path.exists(path):
             raise FileNotFoundError(f"--lora {path}: no such file or folder")
     wcons = args.wcon or [3.0 if loras else 0.0]
+    errors.check_finite(cfg=args.cfg, wcon=wcons, lora=[w for _, w in loras])
+    errors.check_device(args.device)
+    for flag in ("height", "width"):
+        if getattr(args, flag) <= 0 or getattr(args, flag) % 8:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: must be a positive multiple of 8")
+    check_writable(args.out, "--out")  # before loading the model: a read-only or full disk, a folder in the way
     if any(wcons) and not loras:
         raise ValueError("--wcon > 0 needs a --lora: consistency guidance compares a LoRA model with the base model")
     if args.n < 1:
@@ -406,6 +409,12 @@ def run(args):
     tokens = {}
     for path, weight in loras:
         tokens.update(load_lora(sd, path, weight))
+    for flag, text in (("--prompt", args.prompt), ("--base-prompt", args.base_prompt),
+                       ("--negative-prompt", args.negative_prompt)):
+        length = len(sd.tokenizer.encode(text)) if text else 0
+        if length > errors.prompt_window(sd.tokenizer):
+            print(f"warning: {flag} is {length} CLIP tokens; only the first {errors.prompt_window(sd.tokenizer)} "
+                  "are read", file=sys.stderr)
 
     base_prompt = None
     if any(wcons):
