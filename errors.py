@@ -42,7 +42,10 @@ def cli(main, *, memory_hint="", interrupted=None):
             raise
         message, code = f"error: out of memory ({first_line(e)}){'; ' + memory_hint if memory_hint else ''}", 1
     # Exit outside the except blocks: the failed call's frames (and the run lock they hold) are freed first.
-    print(" ".join(message.split()), file=sys.stderr)
+    message = " ".join(message.split())
+    if code == 1:
+        sys.exit(message)  # printed to stderr, exit status 1
+    print(message, file=sys.stderr)
     sys.exit(code)
 
 
