@@ -6,6 +6,7 @@ the names of a trainer's output files, finding the LoRA files of a trainer folde
 import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +38,12 @@ def atomic(path):
     tmp = f"{path}.tmp-{os.getpid()}"
     _remove(tmp)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:  # name the output, not its temporary
+            if isinstance(e.filename, str) and e.filename.startswith(tmp):
+                e.filename = path + e.filename[len(tmp):]
+            raise
         if os.path.isfile(tmp):
             os.chmod(tmp, 0o666 & ~_umask())  # some writers create 0600 files; others must be able to read them
         if os.path.isdir(path) and os.path.isdir(tmp):  # a folder cannot be renamed over a non-empty one: swap
@@ -66,7 +72,13 @@ def save_tensors(path, tensors, metadata=None):
     """A .safetensors file, atomically; tensors are moved to the CPU and made contiguous first."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # safetensors reports a full disk as its own error: make it the OSError it is
+            code = re.search(r"os error (\d+)", str(e))
+            if code:
+                raise OSError(int(code[1]), os.strerror(int(code[1])), path) from None
+            raise
     return path
 
 

@@ -174,6 +174,8 @@ def hub_text_encoder_keys(sd):
 
 
 def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
+    def what(comp):  # where a component's weights came from, for errors
+        return f"{source} ({comp})" if os.path.isfile(str(source)) else os.path.join(folder, comp)
     for comp in ("text_encoder", "text_encoder_2"):
         weights[comp] = hub_text_encoder_keys(weights[comp])
     weights["vae"] = convert_legacy_vae_keys(weights["vae"])
@@ -183,13 +185,13 @@ def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
     tokenizer = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer"))
     tokenizer_2 = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer_2"))
     return SDXL(
-        unet=build(UNet, configs["unet"], weights["unet"], device, dtype, what=f"{source} unet"),
-        vae=build(AutoencoderKL, configs["vae"], weights["vae"], device, vae_dtype, what=f"{source} vae"),
+        unet=build(UNet, configs["unet"], weights["unet"], device, dtype, what=what("unet")),
+        vae=build(AutoencoderKL, configs["vae"], weights["vae"], device, vae_dtype, what=what("vae")),
         # Pool at the tokenizer's real end-of-text id (the configs' eos_token_id is a legacy 2).
         text_encoder=build(CLIPTextModel, configs["text_encoder"], weights["text_encoder"], device, dtype,
-                           what=f"{source} text_encoder", eos_token_id=tokenizer.eos_token_id),
+                           what=what("text_encoder"), eos_token_id=tokenizer.eos_token_id),
         text_encoder_2=build(CLIPTextModel, configs["text_encoder_2"], weights["text_encoder_2"], device, dtype,
-                             what=f"{source} text_encoder_2", eos_token_id=tokenizer_2.eos_token_id),
+                             what=what("text_encoder_2"), eos_token_id=tokenizer_2.eos_token_id),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         scheduler=scheduler,
