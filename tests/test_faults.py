@@ -203,8 +203,8 @@ def test_interrupted_final_save_is_refused_then_resume_repairs(tiny_sdxl, base, 
     """Ctrl-C between the renames of the final set: the folder holds a mix of two steps. sample.py and merge.py
     refuse it; --resume (already at its last step) writes the set again."""
     out = copy_run(base, tmp_path)
-    for f in FINAL:  # the older set (step 2) is in place, as after an earlier run
-        shutil.copy(out / "checkpoint-2" / f if f != files.KOHYA_FILE else out / f, out / f)
+    for f in (files.PEFT_FILE, files.EMBEDS_FILE):  # an older set (step 2) is in place, as after an earlier run
+        shutil.copy(out / "checkpoint-2" / f, out / f)
     shutil.rmtree(out / "checkpoint-4")
     real = os.replace
 
