@@ -24,13 +24,13 @@ import sys
 import torch
 
 from files import (EMBEDS_FILE, FINAL_INCOMPLETE, PEFT_FILE, atomic, load_tensors, read_json, read_text,
-                   save_tensors, write_json)
+                   remove_temporaries, save_tensors, write_json)
 from lora import load_lora_file, lora_modules, save_lora_kohya, save_lora_peft
 
 CONFIG_FILE, LOG_FILE = "train_config.json", "log.jsonl"
 # Settings a resumed run must share with the run it continues: they shape the LoRA, the data or the draws.
 FIXED_ON_RESUME = ("model", "loss", "rank", "alpha", "resolution", "batch_size", "seed", "tokens", "init_words",
-                   "captions", "base_prompts", "offset_noise", "images", "image_sha256")
+                   "captions", "base_prompts", "offset_noise")
 LOCK_FILE = ".lock"
 
 
@@ -58,15 +58,31 @@ def check_run_folder(out, config, resume, steps):
     if step > steps:  # == steps: the run is done, --resume writes its final files again (a save was cut off)
         raise ValueError(f"--resume: {path} already has {step} steps; raise --steps")
     old = read_json(config_path) if os.path.exists(config_path) else config
-    if "image_sha256" in old and old.get("images") == config["images"] and old["image_sha256"] != config["image_sha256"]:
-        changed = [p for p, a, b in zip(config["images"], old["image_sha256"], config["image_sha256"]) if a != b]
-        raise ValueError(f"--resume: training image(s) changed since the run began: {', '.join(changed)}; resume "
-                         f"with the original images, or start a new run with another --output")
+    check_same_images(out, old, config)
     for k in FIXED_ON_RESUME:
         if k in old and old[k] != config.get(k):
             raise ValueError(f"--resume: {k} was {old[k]!r} in {out}, now {config.get(k)!r}; it must not change "
                              "(resume with the run's settings, or start a new run with another --output)")
     return path
+
+
+def check_same_images(out, old, config):
+    """The training images' content (sha256 of each file) must be the one the run began with; a moved folder with the
+    same images is fine. Runs from before the hashes were recorded compare the paths."""
+    before, now = old.get("image_sha256"), config["image_sha256"]
+    if before is None:
+        if old.get("images", config["images"]) != config["images"]:
+            raise ValueError(f"--resume: the training images are not the ones {out} began with; resume with the "
+                             "original --images, or start a new run with another --output")
+        return
+    if len(before) != len(now):
+        raise ValueError(f"--resume: {out} began with {len(before)} training images, now there are {len(now)}; "
+                         "resume with the original images, or start a new run with another --output")
+    changed = [p for p, a, b in zip(config["images"], before, now) if a != b]
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise ValueError(f"--resume: training image(s) changed since {out} began: {shown}; resume with the original "
+                         "images, or start a new run with another --output")
 
 
 class RunLock:
@@ -96,6 +112,8 @@ class RunLock:
         self.file.truncate(0)
         self.file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
         self.file.flush()
+        for folder in (out, os.path.join(out, "samples")):  # half-writes of a killed run: nobody else writes here
+            remove_temporaries(folder)
 
     def release(self):
         if not self.file.closed:

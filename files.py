@@ -56,6 +56,14 @@ def atomic(path):
         _remove(tmp)
 
 
+def remove_temporaries(folder):
+    """Remove what atomic() left in `folder` (NAME.tmp-PID, NAME.tmp-PID.old) when its process was killed mid-write.
+    Only for a folder whose lock the caller holds: then no other process is writing there."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if re.search(r"\.tmp-\d+(\.old)?$", name):
+            _remove(os.path.join(folder, name))
+
+
 def _remove(path):
     if os.path.isdir(path):
         shutil.rmtree(path, ignore_errors=True)

@@ -403,6 +403,8 @@ def train(args, loss_fn=None):
     out = args.output or os.path.join("output", name)
     check_writable(out, "--output folder")  # before loading the model: a read-only or full disk, a file in the way
     checkpoint.check_not_running(out)
+    if args.loss == "db-prior":
+        check_writable(args.class_dir or os.path.join(out, "class_images"), "--class-dir folder")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mp = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
     dtype = DTYPES["fp32" if mp == "no" else mp]

@@ -252,7 +252,9 @@ def test_changed_images_or_settings_are_refused_on_resume(tiny_sdxl, base, tmp_p
     shutil.copytree(base[0], images)
     resume = argv(images, tiny_sdxl[0], out, "--checkpoint-every", "2", "--resume", "--steps", "6")
     config = json.loads((out / "train_config.json").read_text())
-    config["images"] = [str(images / Path(p).name) for p in config["images"]]  # as if the run had used this copy
+    moved = {**config, "images": [str(images / Path(p).name) for p in config["images"]]}
+    checkpoint.check_same_images(out, config, moved)  # the same images in another folder: fine
+    config = moved  # as if the run had used this copy
     (out / "train_config.json").write_text(json.dumps(config))
     msg = error_of(train.main, resume + ["--rank", "8"])
     assert "rank" in msg and "32" in msg and "8" in msg
@@ -279,9 +281,10 @@ def test_a_second_run_in_the_folder_is_refused_and_a_killed_ones_lock_is_not(tin
             p.kill()
             p.wait()
     assert (out / ".lock").exists()  # left by the killed run: stale, it must not block
+    (out / "checkpoint-999.tmp-99999999").mkdir()  # as a checkpoint being written when the SIGKILL came
     last = checkpoint.checkpoints(out)[-1][0]
     train.main(args[:-2] + ["--steps", str(last + 2), "--resume"])
-    assert (out / files.PEFT_FILE).is_file() and not (out / ".lock").exists()
+    assert (out / files.PEFT_FILE).is_file() and not (out / ".lock").exists() and not leftovers(out)
 
 
 # ----------------------------------------------------------------------------------------------------------
