@@ -58,6 +58,8 @@ def check_run_folder(out, config, resume, steps):
     if step > steps:  # == steps: the run is done, --resume writes its final files again (a save was cut off)
         raise ValueError(f"--resume: {path} already has {step} steps; raise --steps")
     old = read_json(config_path) if os.path.exists(config_path) else config
+    if not isinstance(old, dict):
+        raise ValueError(f"{config_path}: not a training run's settings; restore it, or start a new --output")
     check_same_images(out, old, config)
     for k in FIXED_ON_RESUME:
         if k in old and old[k] != config.get(k):

@@ -270,6 +270,12 @@ def load_lora(sd, path, weight=1.0) -> dict:
         raise FileNotFoundError(f"--lora {path}: the folder has no {PEFT_FILE}, {KOHYA_FILE} or {EMBEDS_FILE}")
     modules = {c: getattr(sd, c) for c in COMPONENTS}
     states = [load_lora_file(lora, modules, sd.unet.config)[0]] if lora else []
+    for state in states:  # NaN/inf weights (a diverged run) would draw black images without a word
+        bad = [n for layers in state.values() for n, (d, u, _) in layers.items()
+               if not (torch.isfinite(d).all() and torch.isfinite(u).all())]
+        if bad:
+            raise ValueError(f"--lora {lora}: {len(bad)} layer(s) hold NaN/inf weights (e.g. {bad[0]}): its training "
+                             "diverged; use an earlier checkpoint")
     try:
         for state in states:
             for comp, layers in state.items():

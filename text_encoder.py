@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import read_json
+from files import read_json, read_text
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -135,7 +135,7 @@ class CLIPTokenizer:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} not found: pass a hub tokenizer folder (tokenizer*/)")
         vocab = read_json(path / "vocab.json")  # malformed: a ValueError naming the file
-        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+        lines = read_text(path / "merges.txt").splitlines()
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         config = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins, as in transformers

@@ -511,6 +511,11 @@ def check_model_fits(sd, args, paths, captions, tokens):
         if tokens and not any(t in c for t in tokens):
             print(f"warning: the caption of {p} has no {' or '.join(tokens)}: {c!r}", file=sys.stderr)
         check_caption_window(sd, args, p, c, tokens)
+    for prompt in args.sample_prompt or []:
+        length = errors.token_positions(sd.tokenizer, prompt, tokens[0] if tokens else None)[1]
+        if length > errors.prompt_window(sd.tokenizer):
+            print(f"warning: --sample-prompt {prompt[:40]!r}... is {length} CLIP tokens; only the first "
+                  f"{errors.prompt_window(sd.tokenizer)} are read", file=sys.stderr)
 
 
 def check_caption_window(sd, args, path, caption, tokens):

@@ -290,8 +290,9 @@ def test_a_second_run_in_the_folder_is_refused_and_a_killed_ones_lock_is_not(tin
 # ----------------------------------------------------------------------------------------------------------
 # Damaged and wrong files: one line naming the file
 
-@pytest.mark.parametrize("case", ["lora-truncated", "lora-pickle", "embeds-truncated", "single-file-truncated",
-                                  "model-config-json", "unet-of-another-model"])
+@pytest.mark.parametrize("case", ["lora-truncated", "lora-pickle", "lora-nan", "embeds-truncated",
+                                  "single-file-truncated", "model-config-json", "tokenizer-not-utf8",
+                                  "unet-of-another-model"])
 def test_damaged_model_files_are_one_line(case, tiny_sdxl, base, tmp_path):
     model, lora = tmp_path / "model", tmp_path / "lora"
     shutil.copytree(tiny_sdxl[0], model)
@@ -302,6 +303,14 @@ def test_damaged_model_files_are_one_line(case, tiny_sdxl, base, tmp_path):
     elif case == "lora-pickle":
         bad = lora / files.PEFT_FILE
         torch.save({"a": torch.zeros(2)}, bad)
+    elif case == "lora-nan":  # a diverged run's weights would draw black images
+        bad = lora / files.PEFT_FILE
+        weights = load_file(bad)
+        next(v for k, v in weights.items() if "lora_B" in k or "up" in k).fill_(float("nan"))
+        files.save_tensors(bad, weights, {"format": "pt"})
+    elif case == "tokenizer-not-utf8":
+        bad = model / "tokenizer_2" / "merges.txt"
+        bad.write_bytes(bad.read_bytes() + "caf\u00e9 x\n".encode("latin-1"))
     elif case == "embeds-truncated":
         bad = lora / files.EMBEDS_FILE
         bad.write_bytes(bad.read_bytes()[:100])
@@ -324,6 +333,8 @@ def test_damaged_model_files_are_one_line(case, tiny_sdxl, base, tmp_path):
     assert str(bad) in msg
     if case == "unet-of-another-model":
         assert "do not fit its config.json" in msg
+    if case == "lora-nan":
+        assert "NaN/inf" in msg
     assert not (tmp_path / "x.png").exists()
 
 
