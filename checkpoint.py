@@ -20,6 +20,7 @@ import math
 import os
 import socket
 import sys
+import weakref
 
 import torch
 
@@ -92,9 +93,14 @@ class RunLock:
     its process ends however it ends (SIGKILL included): a stale .lock file never blocks. The file names the holder
     (PID, host) for the message. Released by release() (which removes the file) or, should train() fail, when its
     frame is freed."""
+    # This process's locks, weakly: a failed train() whose traceback a notebook keeps must not lock itself out.
+    held = weakref.WeakValueDictionary()
 
     def __init__(self, out):
         self.path = os.path.join(out, LOCK_FILE)
+        earlier = RunLock.held.pop(os.path.realpath(self.path), None)
+        if earlier:
+            earlier.file.close()
         while True:
             self.file = open(self.path, "a+")
             try:
@@ -114,10 +120,12 @@ class RunLock:
         self.file.truncate(0)
         self.file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
         self.file.flush()
+        RunLock.held[os.path.realpath(self.path)] = self
         for folder in (out, os.path.join(out, "samples")):  # half-writes of a killed run: nobody else writes here
             remove_temporaries(folder)
 
     def release(self):
+        RunLock.held.pop(os.path.realpath(self.path), None)
         if not self.file.closed:
             os.unlink(self.path)  # while still holding it (see the inode check above)
             self.file.close()

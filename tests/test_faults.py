@@ -446,6 +446,9 @@ def test_a_nan_loss_stops_training_before_any_save(tiny_sdxl, base, tmp_path):
     assert str(out / "checkpoint-2") in msg
     assert [s for s, _ in checkpoint.checkpoints(out)] == [2] and not any((out / f).exists() for f in FINAL)
     assert [r["step"] for r in read_log(out)] == [0, 1, 2]
+    # --resume, as the message says, in this same process while the failed run's traceback (and lock) is still held
+    train.main([str(a) for a in argv(base[0], tiny_sdxl[0], out, "--checkpoint-every", "2", "--resume")])
+    assert e.value is not None and all((out / f).is_file() for f in FINAL)
 
 
 def test_devices_are_checked(tiny_sdxl, base, tmp_path, monkeypatch):
