@@ -200,7 +200,7 @@ def load_checkpoint(path, unet, embeds, opt, scaler):
     try:
         return _load_checkpoint(path, unet, embeds, opt, scaler)
     except (ValueError, KeyError, OSError) as e:
-        out, earlier = os.path.dirname(path), [p for s, p in checkpoints(os.path.dirname(path)) if p != path][-1:]
+        earlier = [p for _, p in checkpoints(os.path.dirname(path)) if p != path][-1:]
         hint = (f"move {path} away and --resume continues from {earlier[0]}" if earlier else
                 "no earlier checkpoint exists: start again with a new --output")
         raise ValueError(f"--resume: {path} is damaged ({e}); {hint}") from None

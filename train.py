@@ -18,7 +18,6 @@ it lives in checkpoint.py.
 import argparse
 import functools
 import hashlib
-import json
 import os
 import statistics
 import sys
