@@ -12,28 +12,31 @@ import sys
 import torch
 from safetensors import SafetensorError
 
-ADVICE = {errno.ENOSPC: "free some space and run the same command again",
-          errno.EDQUOT: "free some space (disk quota) and run the same command again",
+ADVICE = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
           errno.EROFS: "the file system is read-only: choose a writable output",
           errno.EACCES: "choose an output you may write to", errno.EPERM: "choose an output you may write to",
           errno.EEXIST: "it is in the way: choose another output or remove it",
           errno.ENOTDIR: "a file is in the way of a folder: choose another output",
           errno.EISDIR: "a folder is in the way of a file: choose another output"}
+FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # the machine's fault, not the command's: run it again after
 
 
-def cli(main, *, memory_hint="", interrupted=None):
+def cli(main, *, memory_hint="", next_command=None):
     """Run `main()`; exit with one line for the errors a user (or the machine) causes: 1, or 130 for Ctrl-C.
 
-    memory_hint: the flags that reduce this tool's memory; interrupted(): what to run after a Ctrl-C."""
+    memory_hint: the flags that reduce this tool's memory. next_command(): what to run after a fault (Ctrl-C, a
+    full disk), e.g. train.py's "--resume continues from checkpoint-40"; default: the same command again."""
+    def again():
+        return next_command() if next_command else "run the same command again"
     try:
         return main()
     except KeyboardInterrupt:
-        message, code = "interrupted" + (f"; {interrupted()}" if interrupted else ""), 130
-    except (ValueError, FileNotFoundError) as e:  # ours, finished (UnicodeDecode/JSONDecode are ValueErrors too)
+        message, code = f"interrupted; {again()}", 130
+    except ValueError as e:  # ours, finished (UnicodeDecode/JSONDecode are ValueErrors too, named by files.py)
         message, code = f"error: {e}", 1
-    except OSError as e:  # disk full, read-only, permission, a file in the way
+    except OSError as e:  # ours (FileNotFoundError with a message); disk full, read-only, a file in the way ...
         where = f"{e.filename}: " if e.filename else ""
-        advice = ADVICE.get(e.errno, "")
+        advice = "; ".join(a for a in (ADVICE.get(e.errno), again() if e.errno in FAULTS else None) if a)
         message, code = f"error: {where}{e.strerror or e}" + (f"; {advice}" if advice else ""), 1
     except SafetensorError as e:  # a reader that did not go through files.open_safetensors
         message, code = f"error: a .safetensors file is not readable ({e}): it is truncated or corrupted", 1

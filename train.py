@@ -584,13 +584,13 @@ def main(argv=None):
     def run():
         parsed.append(parse_args(argv))
         train(parsed[0])
-    errors.cli(run, memory_hint=MEMORY_HINT, interrupted=lambda: resume_hint(parsed[0] if parsed else None))
+    errors.cli(run, memory_hint=MEMORY_HINT, next_command=lambda: resume_hint(parsed[0] if parsed else None))
 
 
 def resume_hint(args):
-    """After Ctrl-C: what the next command continues from."""
+    """After Ctrl-C or a full disk: what the next command continues from."""
     if args is None:
-        return "nothing was trained"
+        return "run the same command again"
     out = args.output or os.path.join("output", args.config_name or os.path.basename(os.path.normpath(args.images)))
     found = checkpoint.checkpoints(out)
     return (f"the same command with --resume continues from {found[-1][1]}" if found else

@@ -150,6 +150,7 @@ def test_full_disk_while_training_then_resume(tiny_sdxl, base, tmp_path):
         args = argv(base[0], tiny_sdxl[0], out, "--checkpoint-every", "2")
         msg = error_of(train.main, args)
         assert "No space left on device" in msg and "free some space" in msg
+        assert msg.endswith(f"the same command with --resume continues from {out / 'checkpoint-2'}")
         assert [s for s, _ in checkpoint.checkpoints(out)] == [2] and not leftovers(out)
         assert not any((out / f).exists() for f in FINAL)
         assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]  # every line whole
