@@ -47,14 +47,20 @@ def check_run_folder(out, config, resume, steps):
     """Before anything is written: a new run needs a fresh folder; --resume needs a checkpoint, steps left to
     train, and the settings of the run it continues. Returns the checkpoint to resume from (or None)."""
     config_path = os.path.join(out, CONFIG_FILE)
+    found = checkpoints(out)
     if not resume:
-        if os.path.exists(config_path):
+        if os.path.exists(config_path) and (found or os.path.exists(os.path.join(out, PEFT_FILE))):
             raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or another "
                              "--output (or delete it)")
+        if os.path.exists(config_path):  # stopped before its first checkpoint: nothing to keep, start it again
+            print(f"notice: {out} holds a run that stopped before its first checkpoint; starting it again",
+                  file=sys.stderr)
+            truncate_log(out, 0)
         return None
-    found = checkpoints(out)
     if not found:
-        raise ValueError(f"--resume: no checkpoint-<step> folder in {out}")
+        raise ValueError(f"--resume: no checkpoint-<step> folder in {out}" + (
+            ": the run stopped before its first checkpoint; run the same command without --resume to start it again"
+            if os.path.exists(config_path) else ""))
     step, path = found[-1]
     if step > steps:  # == steps: the run is done, --resume writes its final files again (a save was cut off)
         raise ValueError(f"--resume: {path} already has {step} steps; raise --steps")

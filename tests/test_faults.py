@@ -234,6 +234,31 @@ def test_interrupted_final_save_is_refused_then_resume_repairs(tiny_sdxl, base, 
         assert same_tensors(base[1] / f, out / f), f
 
 
+def test_ctrl_c_before_the_first_checkpoint_then_the_same_command(tiny_sdxl, base, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = [str(a) for a in argv(base[0], tiny_sdxl[0], out, "--checkpoint-every", "2")]
+    real, calls = checkpoint.append_log, []
+
+    def ctrl_c_at_step_1(folder, record):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(folder, record)
+    monkeypatch.setattr(checkpoint, "append_log", ctrl_c_at_step_1)
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1] == ("interrupted; no checkpoint was saved yet: run the same "
+                                                        "command again")
+    monkeypatch.setattr(checkpoint, "append_log", real)
+    assert "without --resume" in error_of(train.main, args + ["--resume"])
+    train.main(args)  # as it says
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]
+    for f in FINAL:
+        assert same_tensors(base[1] / f, out / f), f
+
+
 def test_damaged_checkpoint_names_the_file_and_the_previous_one(tiny_sdxl, base, tmp_path):
     out = copy_run(base, tmp_path)
     opt = out / "checkpoint-4" / "optimizer.safetensors"
