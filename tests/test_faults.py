@@ -175,6 +175,16 @@ def test_full_disk_keeps_the_previous_image(tiny_sdxl, tmp_path):
         assert sorted(p.name for p in disk.iterdir()) == ["filler", "x.png"]
 
 
+def test_full_disk_during_a_merge_leaves_no_output(base, tmp_path):
+    other = tmp_path / "other"  # the same LoRA without its token (one token cannot come from two LoRAs)
+    shutil.copytree(base[1], other, ignore=shutil.ignore_patterns("checkpoint-*", files.EMBEDS_FILE))
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        fill(disk, leave=1 << 20)  # room for the check, not for the ~3 MB merged LoRA
+        msg = error_of(merge.main, [base[1], other, "--output", disk / "merged"])
+        assert "No space left on device" in msg and str(disk / "merged") in msg
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
 def test_a_failed_log_append_leaves_no_torn_line(tmp_path):
     with tmpfs(tmp_path / "disk", "64k") as disk:
         checkpoint.append_log(disk, {"step": 0, "loss": 1.0})
