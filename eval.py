@@ -31,8 +31,8 @@ import torch
 from PIL import Image
 
 import errors
-from files import atomic, check_writable
 from dinov2 import load_dinov2
+from files import atomic, check_writable
 from siglip import load_siglip
 
 # Defaults: the paper names DINOv2 and SigLIP; these are the largest public checkpoints of each that a 24 GB GPU runs
