@@ -44,12 +44,16 @@ def checkpoints(out):
 
 
 def check_run_folder(out, config, resume, steps):
-    """Before anything is written: a new run needs a fresh folder; --resume needs a checkpoint, steps left to
-    train, and the settings of the run it continues. Returns the checkpoint to resume from (or None)."""
+    """Before anything is written: a new run needs a fresh folder (or one whose run stopped before its first
+    checkpoint: it starts again); --resume needs a checkpoint, no more steps than --steps, and the settings and images
+    of the run it continues. Returns the checkpoint to resume from (or None)."""
     config_path = os.path.join(out, CONFIG_FILE)
     found = checkpoints(out)
     if not resume:
-        if os.path.exists(config_path) and (found or os.path.exists(os.path.join(out, PEFT_FILE))):
+        final, marker = os.path.join(out, PEFT_FILE), os.path.join(out, FINAL_INCOMPLETE)
+        finished = os.path.exists(final) and not os.path.exists(marker)  # a cut-off final save without checkpoints
+        # has nothing to resume from: it starts again, like a run stopped before its first checkpoint
+        if os.path.exists(config_path) and (found or finished):
             raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or another "
                              "--output (or delete it)")
         if os.path.exists(config_path):  # stopped before its first checkpoint: nothing to keep, start it again
