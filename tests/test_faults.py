@@ -502,3 +502,16 @@ def test_a_size_that_cannot_be_allocated_is_one_line(tiny_sdxl, tmp_path):
                                  "--height", "8000000", "--n", "1", "--out", tmp_path / "x.png"])
     assert "out of memory" in msg and "--height" in msg
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_cut_off_final_save_without_checkpoints_starts_again(tmp_path, capsys):
+    """--checkpoint-every 0: nothing to resume from, so the same command starts the run again."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / checkpoint.CONFIG_FILE).write_text("{}")
+    (out / files.PEFT_FILE).write_bytes(b"")
+    with pytest.raises(ValueError, match="already holds a training run"):  # finished: kept
+        checkpoint.check_run_folder(str(out), {}, False, 4)
+    (out / files.FINAL_INCOMPLETE).touch()
+    assert checkpoint.check_run_folder(str(out), {}, False, 4) is None
+    assert "starting it again" in capsys.readouterr().err
