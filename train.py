@@ -519,7 +519,7 @@ def check_model_fits(sd, args, paths, captions, tokens):
 
 def check_caption_window(sd, args, path, caption, tokens):
     """CLIP reads 75 tokens of a caption: a learned token past them is never seen, and trains nothing."""
-    where = Path(path).with_suffix(".txt") if Path(path).with_suffix(".txt").is_file() else args.config or path
+    where = args.config or Path(path).with_suffix(".txt")  # where the caption came from
     longest = 0
     for tokenizer in (sd.tokenizer, sd.tokenizer_2):
         window = errors.prompt_window(tokenizer)
