@@ -10,21 +10,29 @@ output/<name>/:
     learned_embeds.safetensors         the new token rows as the official code writes them: {"clip_l", "clip_g"}
                                        (kyungmnlee/dco@164ae17 customize.py:205-212)
     samples/                           images at each checkpoint
+    .lock                              held (flock) while a run trains here: a second run is refused
 Tensors are stored in safetensors and scalars in JSON: no pickle anywhere.
 """
+import errno
+import fcntl
 import json
+import math
 import os
-from pathlib import Path
+import socket
+import sys
+import weakref
 
 import torch
-from safetensors.torch import load_file
 
-from files import EMBEDS_FILE, PEFT_FILE, atomic, save_tensors, write_json
+from files import (EMBEDS_FILE, FINAL_INCOMPLETE, PEFT_FILE, atomic, check_writable, load_tensors, read_json, read_text,
+                   remove_temporaries, save_tensors, write_json)
 from lora import load_lora_file, lora_modules, save_lora_kohya, save_lora_peft
 
 CONFIG_FILE, LOG_FILE = "train_config.json", "log.jsonl"
 # Settings a resumed run must share with the run it continues: they shape the LoRA, the data or the draws.
-FIXED_ON_RESUME = ("model", "loss", "rank", "alpha", "resolution", "batch_size", "seed", "tokens", "captions")
+FIXED_ON_RESUME = ("model", "loss", "rank", "alpha", "resolution", "batch_size", "seed", "tokens", "init_words",
+                   "captions", "base_prompts", "offset_noise", "crop", "random_flip", "resample", "time_ids", "pool")
+LOCK_FILE = ".lock"
 
 
 def checkpoints(out):
@@ -36,25 +44,116 @@ def checkpoints(out):
 
 
 def check_run_folder(out, config, resume, steps):
-    """Before anything is written: a new run needs a fresh folder; --resume needs a checkpoint, steps left to
-    train, and the settings of the run it continues. Returns the checkpoint to resume from (or None)."""
+    """Before anything is written: a new run needs a fresh folder (or one whose run stopped before its first
+    checkpoint: it starts again); --resume needs a checkpoint, no more steps than --steps, and the settings and images
+    of the run it continues. Returns the checkpoint to resume from (or None)."""
     config_path = os.path.join(out, CONFIG_FILE)
+    found = checkpoints(out)
     if not resume:
-        if os.path.exists(config_path):
+        final, marker = os.path.join(out, PEFT_FILE), os.path.join(out, FINAL_INCOMPLETE)
+        finished = os.path.exists(final) and not os.path.exists(marker)  # a cut-off final save without checkpoints
+        # has nothing to resume from: it starts again, like a run stopped before its first checkpoint
+        if os.path.exists(config_path) and (found or finished):
             raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or another "
                              "--output (or delete it)")
+        if os.path.exists(config_path):  # stopped before its first checkpoint: nothing to keep, start it again
+            print(f"notice: {out} holds a run that stopped before its first checkpoint; starting it again",
+                  file=sys.stderr)
+            truncate_log(out, 0)
         return None
-    found = checkpoints(out)
     if not found:
-        raise ValueError(f"--resume: no checkpoint-<step> folder in {out}")
+        raise ValueError(f"--resume: no checkpoint-<step> folder in {out}" + (
+            ": the run stopped before its first checkpoint; run the same command without --resume to start it again"
+            if os.path.exists(config_path) else ""))
     step, path = found[-1]
-    if step >= steps:
+    if step > steps:  # == steps: the run is done, --resume writes its final files again (a save was cut off)
         raise ValueError(f"--resume: {path} already has {step} steps; raise --steps")
-    old = json.loads(Path(config_path).read_text()) if os.path.exists(config_path) else config
+    old = read_json(config_path) if os.path.exists(config_path) else config
+    if not isinstance(old, dict):
+        raise ValueError(f"{config_path}: not a training run's settings; restore it, or start a new --output")
+    check_same_images(out, old, config)
     for k in FIXED_ON_RESUME:
-        if old.get(k) != config[k]:
-            raise ValueError(f"--resume: {k} was {old.get(k)!r} in {out}, now {config[k]!r}; it must not change")
+        if k in old and old[k] != config.get(k):
+            raise ValueError(f"--resume: {k} was {old[k]!r} in {out}, now {config.get(k)!r}; it must not change "
+                             "(resume with the run's settings, or start a new run with another --output)")
     return path
+
+
+def check_same_images(out, old, config):
+    """The training images' content (sha256 of each file) must be the one the run began with; a moved folder with the
+    same images is fine. Runs from before the hashes were recorded compare the paths."""
+    before, now = old.get("image_sha256"), config["image_sha256"]
+    if before is None:
+        if old.get("images", config["images"]) != config["images"]:
+            raise ValueError(f"--resume: the training images are not the ones {out} began with; resume with the "
+                             "original --images, or start a new run with another --output")
+        return
+    if len(before) != len(now):
+        raise ValueError(f"--resume: {out} began with {len(before)} training images, now there are {len(now)}; "
+                         "resume with the original images, or start a new run with another --output")
+    changed = [p for p, a, b in zip(config["images"], before, now) if a != b]
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise ValueError(f"--resume: training image(s) changed since {out} began: {shown}; resume with the original "
+                         "images, or start a new run with another --output")
+
+
+class RunLock:
+    """The output folder's lock: one run trains in a folder at a time. flock(2), so the kernel drops the lock when
+    its process ends however it ends (SIGKILL included): a stale .lock file never blocks. The file names the holder
+    (PID, host) for the message. Released by release() (which removes the file) or, should train() fail, when its
+    frame is freed."""
+    # This process's locks, weakly: a failed train() whose traceback a notebook keeps must not lock itself out.
+    held = weakref.WeakValueDictionary()
+
+    def __init__(self, out):
+        self.path = os.path.join(out, LOCK_FILE)
+        earlier = RunLock.held.pop(os.path.realpath(self.path), None)
+        if earlier:
+            earlier.file.close()
+        while True:
+            self.file = open(self.path, "a+")
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self.file.seek(0)
+                holder = self.file.read().strip() or "another process"
+                self.file.close()
+                raise ValueError(f"{out}: another run is training in this folder ({holder}); wait for it to "
+                                 "finish, stop it, or choose another --output") from None
+            try:  # the holder we waited for may have removed the file: lock the one that is there now
+                if os.stat(self.path).st_ino == os.fstat(self.file.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            self.file.close()
+        self.file.truncate(0)
+        self.file.write(f"PID {os.getpid()} on {socket.gethostname()}\n")
+        self.file.flush()
+        RunLock.held[os.path.realpath(self.path)] = self
+        for folder in (out, os.path.join(out, "samples")):  # half-writes of a killed run: nobody else writes here
+            remove_temporaries(folder)
+
+    def release(self):
+        RunLock.held.pop(os.path.realpath(self.path), None)
+        if not self.file.closed:
+            os.unlink(self.path)  # while still holding it (see the inode check above)
+            self.file.close()
+
+
+def check_not_running(out):
+    """Early (before loading the model): refuse a folder another run is training in."""
+    if os.path.isfile(os.path.join(out, LOCK_FILE)):
+        RunLock(out).release()
+
+
+def preflight(out, class_dir=None):
+    """Before the model is loaded: the output folder (and db-prior's class images folder) can be written, and no
+    other run is training there."""
+    check_writable(out, "--output folder")  # a read-only or full disk, a file in the way
+    check_not_running(out)
+    if class_dir:
+        check_writable(class_dir, "--class-dir folder")
 
 
 def save_lora(folder, unet, embeds, meta):
@@ -66,9 +165,41 @@ def save_lora(folder, unet, embeds, meta):
 
 
 def save_final(out, unet, embeds, meta):
-    """The run's deliverables: the LoRA in both formats and the token rows."""
-    save_lora(out, unet, embeds, meta)
-    save_lora_kohya(out, {"unet": unet}, unet.config, meta)
+    """The run's deliverables: the LoRA in both formats and the token rows, as one set.
+
+    They stay directly in out/ (where diffusers' load_lora_weights(out) and sample.py look), so the set cannot be
+    switched by one rename. Instead: (1) all files are written into out/.final (atomic: whole or absent), which
+    costs nothing if the disk fills or Ctrl-C comes; (2) the marker out/.final-incomplete is made; (3) each file is
+    renamed into place; (4) the marker is removed. A crash in (3) leaves the marker, and files.find_lora_files
+    (sample.py, merge.py) refuses the folder until `train.py --resume` writes the set again from the last
+    checkpoint."""
+    staging = os.path.join(out, ".final")
+    with atomic(staging) as tmp:
+        os.makedirs(tmp)
+        save_lora(tmp, unet, embeds, meta)
+        save_lora_kohya(tmp, {"unet": unet}, unet.config, meta)
+    marker = os.path.join(out, FINAL_INCOMPLETE)
+    open(marker, "w").close()
+    for name in sorted(os.listdir(staging)):
+        os.replace(os.path.join(staging, name), os.path.join(out, name))
+    os.rmdir(staging)
+    os.unlink(marker)
+
+
+def check_finite(out, record, mixed_precision, params=()):
+    """After every step (the loss and reward, already on the CPU) and before every save (the weights, ~1,100
+    tensors: only then): NaN/inf stops the run before anything is saved over the last good checkpoint. AdamW has
+    already applied the step, so the weights in memory are lost."""
+    bad = [k for k in ("loss", "implicit_reward") if k in record and not math.isfinite(record[k])]
+    if not bad and (not params or torch.isfinite(sum(p.detach().float().sum() for p in params))):
+        return
+    found = checkpoints(out)
+    cause = ("fp16 overflow (--mixed-precision bf16, or an fp16-safe VAE), " if mixed_precision == "fp16" else "") + \
+        "too high a --lr / --ti-lr, or too large a --beta"
+    what = f"the {' and '.join(bad)}" if bad else "the weights after the update"
+    raise ValueError(f"step {record['step']}: {what} became NaN/inf (timesteps {record['t']}); likely {cause}. "
+                     f"Nothing was saved after {found[-1][1] if found else 'the start'}: change the flag and "
+                     f"{'--resume' if found else 'run again'}")
 
 
 def save_checkpoint(path, unet, embeds, opt, scaler, step, meta):
@@ -82,35 +213,68 @@ def save_checkpoint(path, unet, embeds, opt, scaler, step, meta):
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "scaler": scaler.state_dict()})
 
 
-@torch.no_grad()
 def load_checkpoint(path, unet, embeds, opt, scaler):
-    """Restore what save_checkpoint wrote -> the step to continue from. The learning rates come from the arguments."""
+    """Restore what save_checkpoint wrote -> the step to continue from. A damaged checkpoint (a disk fault after it
+    was written) is named, with the previous complete one to fall back to."""
+    try:
+        return _load_checkpoint(path, unet, embeds, opt, scaler)
+    except (ValueError, KeyError, OSError) as e:
+        earlier = [p for _, p in checkpoints(os.path.dirname(path)) if p != path][-1:]
+        hint = (f"move {path} away and --resume continues from {earlier[0]}" if earlier else
+                "no earlier checkpoint exists: start again with a new --output")
+        raise ValueError(f"--resume: {path} is damaged ({e}); {hint}") from None
+
+
+@torch.no_grad()
+def _load_checkpoint(path, unet, embeds, opt, scaler):
+    """The learning rates come from the arguments."""
     layers = load_lora_file(os.path.join(path, PEFT_FILE))[0]["unet"]
     for name, m in lora_modules(unet).items():
         m.lora_down.weight.copy_(layers[name][0])
         m.lora_up.weight.copy_(layers[name][1])
     if embeds:
-        rows = load_file(os.path.join(path, EMBEDS_FILE))
+        rows = load_tensors(os.path.join(path, EMBEDS_FILE))
         embeds[0].rows.copy_(rows["clip_l"])
         embeds[1].rows.copy_(rows["clip_g"])
     state = {}
-    for key, v in load_file(os.path.join(path, "optimizer.safetensors")).items():
+    for key, v in load_tensors(os.path.join(path, "optimizer.safetensors")).items():
         i, k = key.split(".", 1)
         state.setdefault(int(i), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
-    trainer = json.loads(Path(path, "trainer_state.json").read_text())
+    trainer = read_json(os.path.join(path, "trainer_state.json"))
     scaler.load_state_dict(trainer["scaler"])
     return trainer["step"]
 
 
 def truncate_log(out, start):
-    """Drop the steps logged after the checkpoint a resumed run continues from: they are trained again."""
+    """Drop the steps logged after the checkpoint a resumed run continues from: they are trained again. A torn last
+    line (the run was cut off while writing it: a full disk, SIGKILL) is dropped with a notice."""
     log_path = os.path.join(out, LOG_FILE)
-    lines = Path(log_path).read_text().splitlines() if os.path.exists(log_path) else []
+    lines = read_text(log_path).splitlines() if os.path.exists(log_path) else []
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append((json.loads(line)["step"], line))
+        except (ValueError, KeyError, TypeError):
+            if i < len(lines) - 1:
+                raise ValueError(f"{log_path}: line {i + 1} is not a step record; fix or remove that line") from None
+            print(f"notice: {log_path}: dropped a torn last line (the run was cut off while writing it)",
+                  file=sys.stderr)
     with atomic(log_path) as tmp, open(tmp, "w") as f:
-        f.writelines(line + "\n" for line in lines if json.loads(line)["step"] < start)
+        f.writelines(line + "\n" for step, line in records if step < start)
 
 
 def append_log(out, record):
-    with open(os.path.join(out, LOG_FILE), "a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line per step; a write that fails (a full disk) is taken back, so no torn line stays behind."""
+    path, data = os.path.join(out, LOG_FILE), (json.dumps(record) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        except BaseException:
+            os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)

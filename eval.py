@@ -24,15 +24,15 @@ import argparse
 import csv
 import json
 import os
-import sys
-import tempfile
 from collections import defaultdict
 
 import numpy as np
 import torch
 from PIL import Image
 
+import errors
 from dinov2 import load_dinov2
+from files import atomic, check_writable
 from siglip import load_siglip
 
 # Defaults: the paper names DINOv2 and SigLIP; these are the largest public checkpoints of each that a 24 GB GPU runs
@@ -276,17 +276,10 @@ def group_means(rows):
 
 
 def _atomic(path, write):
-    """write(tmp_path) into a temp file beside `path`, then rename: a crash never leaves half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    os.close(fd)
-    try:
+    """write(tmp_path), then rename (files.atomic): a crash never leaves half a file; usual permissions."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_csv(rows, path):
@@ -316,7 +309,7 @@ def pareto_plot(means, level, path, title=""):
                                   color=(127, 127, 127), dashed=True))
     img = plot.lines(series, xlabel="image-text similarity (SigLIP)", ylabel="image similarity (DINOv2)",
                      title=title or "mean per method and w_con (points labelled by w_con)")
-    _atomic(path, img.save)
+    _atomic(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def report(means, level, text):
@@ -341,10 +334,7 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=16)
     args = p.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    errors.cli(lambda: run(args), memory_hint="lower --batch-size")
 
 
 def run(args):
@@ -353,6 +343,10 @@ def run(args):
         raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.plot and not text:
         raise ValueError("--plot needs the text similarity for its x axis: drop --no-text")
+    errors.check_device(args.device)
+    check_writable(args.out, "--out")
+    if args.plot:
+        check_writable(args.plot, "--plot")
     samples = collect_samples(args.samples)  # cheap checks before loading models
     check_inputs(samples, args.reference, text)
     scorer = Scorer(args.dino, args.siglip, text, args.device, args.batch_size)

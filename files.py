@@ -3,18 +3,22 @@
 One atomic writer for every output (a crash, Ctrl-C or a full disk never leaves half a file where a good one was),
 the names of a trainer's output files, finding the LoRA files of a trainer folder, and reading learned tokens.
 """
+import hashlib
 import json
 import os
+import re
 import shutil
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 PEFT_FILE = "pytorch_lora_weights.safetensors"  # diffusers / PEFT names (load_lora_weights)
 KOHYA_FILE = "lora_kohya.safetensors"  # kohya names (ComfyUI, A1111, sd-scripts)
 EMBEDS_FILE = "learned_embeds.safetensors"  # the learned token rows: {"clip_l": [n, 768], "clip_g": [n, 1280]}
+FINAL_INCOMPLETE = ".final-incomplete"  # present while a run's final files are being switched (checkpoint.py)
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the parts of SDXL a LoRA can touch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,7 +38,12 @@ def atomic(path):
     tmp = f"{path}.tmp-{os.getpid()}"
     _remove(tmp)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:  # name the output, not its temporary
+            if isinstance(e.filename, str) and e.filename.startswith(tmp):
+                e.filename = path + e.filename[len(tmp):]
+            raise
         if os.path.isfile(tmp):
             os.chmod(tmp, 0o666 & ~_umask())  # some writers create 0600 files; others must be able to read them
         if os.path.isdir(path) and os.path.isdir(tmp):  # a folder cannot be renamed over a non-empty one: swap
@@ -45,6 +54,14 @@ def atomic(path):
             os.replace(tmp, path)
     finally:
         _remove(tmp)
+
+
+def remove_temporaries(folder):
+    """Remove what atomic() left in `folder` (NAME.tmp-PID, NAME.tmp-PID.old) when its process was killed mid-write.
+    Only for a folder whose lock the caller holds: then no other process is writing there."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if re.search(r"\.tmp-\d+(\.old)?$", name):
+            _remove(os.path.join(folder, name))
 
 
 def _remove(path):
@@ -63,7 +80,13 @@ def save_tensors(path, tensors, metadata=None):
     """A .safetensors file, atomically; tensors are moved to the CPU and made contiguous first."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # safetensors reports a full disk as its own error: make it the OSError it is
+            code = re.search(r"os error (\d+)", str(e))
+            if code:
+                raise OSError(int(code[1]), os.strerror(int(code[1])), path) from None
+            raise
     return path
 
 
@@ -75,6 +98,86 @@ def save_image(image, path, pnginfo=None):
     return path
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Readers that name their file: a decoding error alone does not know which file it came from.
+
+def read_text(path):
+    """A UTF-8 text file; a file in another encoding is a ValueError naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): save it "
+                         "as UTF-8") from None
+
+
+def read_json(path):
+    """A JSON file; malformed JSON is a ValueError naming the file, line and column."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg}): fix or replace "
+                         "the file") from None
+
+
+def _bad_safetensors(path, error):
+    return ValueError(f"{path}: not a readable .safetensors file ({error}): it is truncated, corrupted or in another "
+                      "format (dco loads no pickles); write or download it again")
+
+
+@contextmanager
+def open_safetensors(path):
+    """safe_open(path) whose errors name the file (a truncated file, a pickle, random bytes)."""
+    try:
+        f = safe_open(path, framework="pt")
+    except SafetensorError as e:
+        raise _bad_safetensors(path, e) from None
+    with f:
+        yield f
+
+
+def load_tensors(path):
+    """safetensors' load_file(path) whose errors name the file."""
+    try:
+        return load_file(path)
+    except SafetensorError as e:
+        raise _bad_safetensors(path, e) from None
+
+
+def sha256(path):
+    """The hex digest of a file's bytes (what --resume compares to see that the training images are the same)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_writable(path, what):
+    """Before any expensive work: `path` (an output file or folder, made later) can be written. The nearest existing
+    folder on the way is tried with a real temporary file, since permission bits say nothing for root, read-only
+    mounts or a full disk's inodes."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and what.endswith("folder") and not os.path.isdir(path):
+        raise ValueError(f"{what} {path}: exists and is not a folder; choose another path")
+    if os.path.isdir(path) and not what.endswith("folder"):
+        raise ValueError(f"{what} {path}: is a folder; give a file name")
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: {folder} is a file, not a folder; choose another path")
+    try:
+        with open(os.path.join(folder, f".write-test-{os.getpid()}"), "w") as f:
+            f.write("x")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write in {folder} ({e.strerror}); choose a writable place") from None
+    finally:
+        if os.path.exists(os.path.join(folder, f".write-test-{os.getpid()}")):
+            os.unlink(os.path.join(folder, f".write-test-{os.getpid()}"))
+
+
 def find_lora_files(path):
     """A trainer output folder or a LoRA file -> (LoRA file or None, learned_embeds file or None).
 
@@ -82,6 +185,10 @@ def find_lora_files(path):
     learned tokens beside it; any other .safetensors is a LoRA alone."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    if os.path.exists(os.path.join(folder, FINAL_INCOMPLETE)):
+        raise ValueError(f"{folder}: its final save was interrupted, so its files may be a mix of two steps: run "
+                         f"train.py --resume --output {folder} (with the run's other arguments) to finish it")
     if os.path.isdir(path):
         found = [os.path.join(path, f) for f in (PEFT_FILE, KOHYA_FILE) if os.path.isfile(os.path.join(path, f))]
         lora, folder = (found[0] if found else None), path
@@ -98,7 +205,7 @@ def read_learned_tokens(path, names=None):
     The 'token' and 'init_word' metadata are comma-separated lists, as train.py and merge.py write them; an init
     word is "" where unknown. The official DCO code writes the same rows with no metadata: then `names`, a list of
     (token, init word) from --token or the official config.json, says which tokens the rows are, in order."""
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         meta, rows = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()]
     words = [w.strip() for w in meta.get("init_word", "").split(",")]

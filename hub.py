@@ -45,6 +45,30 @@ def select_hub_files(repo_files, variant="fp16"):
     return wanted
 
 
+CONNECT_TIMEOUT, READ_TIMEOUT = 10.0, 15.0  # seconds; huggingface_hub's client has none by default
+
+
+def use_timeouts():
+    """Connect and read timeouts on every request of huggingface_hub's shared HTTP client, before any call: without
+    them a hub that accepts the connection and never answers hangs every tool forever. Its calls pass timeout=None
+    (= wait forever) per request, so the limits are filled in by a request hook, not the client's default. Retries
+    stay bounded by huggingface_hub's own backoff (at most 5; none for the first revision lookup)."""
+    import huggingface_hub as hf
+    from huggingface_hub.utils import _http
+
+    limits = {"connect": CONNECT_TIMEOUT, "read": READ_TIMEOUT, "write": READ_TIMEOUT, "pool": READ_TIMEOUT}
+
+    def bound(request):
+        given = request.extensions.get("timeout") or {}
+        request.extensions["timeout"] = {k: given.get(k) if given.get(k) is not None else v for k, v in limits.items()}
+
+    def client():
+        c = _http.default_client_factory()
+        c.event_hooks["request"].append(bound)
+        return c
+    hf.set_client_factory(client)
+
+
 def download(repo_id, patterns=None, variant="fp16"):
     """Fetch `repo_id` from the hub into the HF cache and return the local snapshot folder.
 
@@ -57,6 +81,7 @@ def download(repo_id, patterns=None, variant="fp16"):
     import huggingface_hub as hf
     from huggingface_hub.errors import (CachedRepoTreeNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError)
+    use_timeouts()
     try:
         revision = hf.resolve_revision(repo_id)
         if patterns is None:
@@ -77,4 +102,5 @@ def download(repo_id, patterns=None, variant="fp16"):
             raise  # our own "not an SDXL repo" from select_hub_files
         raise FileNotFoundError(
             f"cannot reach the hub for '{repo_id}' ({type(error.__cause__ or error).__name__}) and it is not (fully) "
-            f"in the Hugging Face cache ({hf.constants.HF_HUB_CACHE}): connect once, or pass a local folder") from None
+            f"in the Hugging Face cache ({hf.constants.HF_HUB_CACHE}): connect once, or pass a local folder (with the "
+            f"files cached, HF_HUB_OFFLINE=1 skips the hub)") from None

@@ -26,9 +26,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-
-from files import KOHYA_FILE, PEFT_FILE, save_tensors  # noqa: F401 (the file names are part of this API)
+from files import KOHYA_FILE, PEFT_FILE, open_safetensors, save_tensors  # noqa: F401 (file names: part of the API)
 from single_file import sgm_unet_name
 
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' SDXL LoRA default: 560 modules
@@ -324,11 +322,14 @@ def load_lora_file(path, modules: dict | None = None, unet_config=None):
     forward from the model's names, in both SGM and diffusers block spelling."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:  # a truncated file or a pickle: a ValueError naming it
         tensors = {k: f.get_tensor(k) for k in f.keys()}
         metadata = dict(f.metadata() or {})
     metadata.pop("format", None)
-    config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    try:
+        config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: its 'lora_adapter_metadata' is not JSON; export the LoRA again") from None
     lookup = {}
     for comp, ms in (modules or {}).items():
         for n in _names(ms):

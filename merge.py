@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 
-from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, atomic, find_lora_files, official_tokens,
-                   parse_token, read_learned_tokens, save_tensors, write_json)
+import errors
+from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, atomic, check_writable, find_lora_files,
+                   official_tokens, open_safetensors, parse_token, read_learned_tokens, save_tensors, write_json)
 from hub import CONFIG_FILES, download
 from lora import concat_loras, load_lora_file, save_lora_kohya, save_lora_peft
 from sdxl import SDXL_BASE, load_sdxl, model_path, read_json
@@ -71,7 +71,7 @@ def lora_files(path):
 
 
 def read_header(path):
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         return list(f.keys()), dict(f.metadata() or {})
 
 
@@ -247,8 +247,12 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="f
         raise ValueError("--into-base needs --model: the base model whose UNet the merged LoRA is baked into")
     if into_base and not into_base.endswith(".safetensors"):
         raise ValueError(f"--into-base {into_base}: must be a .safetensors file")
+    errors.check_finite(weights=weights)
     if output:
         check_output(output)
+        check_writable(output, "--output folder")
+    if into_base:
+        check_writable(into_base, "--into-base")
     base = model or base_from_metadata(paths)
     try:
         skeleton = base_skeleton(base)
@@ -326,15 +330,16 @@ def _name(path):
 
 def analyze(path_a, path_b, csv_path=None, model=None):
     """Print the interference table and its mean, write it as CSV (default: interference_<a>_<b>.csv beside A)."""
+    if csv_path is None:
+        csv_path = os.path.join(os.path.dirname(os.path.normpath(path_a)),
+                                f"interference_{_name(path_a)}_{_name(path_b)}.csv")
+    check_writable(csv_path, "--csv")
     skeleton = base_skeleton(model) if model else None
     a, b = read_source(path_a, skeleton, tokens=False), read_source(path_b, skeleton, tokens=False)
     check_shapes([a, b], skeleton, model)
     rows = interference(a.layers, b.layers)
     if not rows:
         raise ValueError(f"{path_a} and {path_b} share no layer: there is nothing to compare")
-    if csv_path is None:
-        csv_path = os.path.join(os.path.dirname(os.path.normpath(path_a)),
-                                f"interference_{_name(path_a)}_{_name(path_b)}.csv")
     w = max(len(r["layer"]) for r in rows)
     print(f"{'layer':<{w}}  r_a  r_b  {'|cos| cols':>10}  {'|cos| rows':>10}  {'|cos| up':>8}  {'|cos| down':>10}  "
           f"{'random cols':>11}  {'random rows':>11}")
@@ -377,25 +382,27 @@ def main(argv=None):
     p.add_argument("--analyze", action="store_true", help="print the interference table of two LoRAs (no merge)")
     p.add_argument("--csv", help="--analyze: CSV path (default: interference_<A>_<B>.csv beside A)")
     args = p.parse_args(argv)
-    try:
-        if args.analyze:
-            if len(args.loras) != 2 or args.weights or args.output or args.into_base:
-                raise ValueError("--analyze compares exactly two LoRAs and writes only --csv")
-            analyze(*args.loras, csv_path=args.csv, model=args.model)
-        else:
-            names = list(args.token)
-            if args.config or args.config_name:
-                if not (args.config and args.config_name):
-                    raise ValueError("--config and --config-name go together")
-                names += official_tokens(args.config, args.config_name)
-            layers, embeds, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.dtype,
-                                         names)
-            ranks = [d.shape[0] for c in layers.values() for d, _, _ in c.values()]
-            rank = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
-            print(f"merged {len(args.loras)} LoRAs ({len(ranks)} layers, rank {rank}, tokens "
-                  f"{meta['token'] or 'none'}) -> {', '.join(x for x in (args.output, args.into_base) if x)}")
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    errors.cli(lambda: run(args), memory_hint="--into-base loads the base UNet: use a machine with more memory, or "
+                                              "merge without --into-base")
+
+
+def run(args):
+    if args.analyze:
+        if len(args.loras) != 2 or args.weights or args.output or args.into_base:
+            raise ValueError("--analyze compares exactly two LoRAs and writes only --csv")
+        analyze(*args.loras, csv_path=args.csv, model=args.model)
+    else:
+        names = list(args.token)
+        if args.config or args.config_name:
+            if not (args.config and args.config_name):
+                raise ValueError("--config and --config-name go together")
+            names += official_tokens(args.config, args.config_name)
+        layers, embeds, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.dtype,
+                                     names)
+        ranks = [d.shape[0] for c in layers.values() for d, _, _ in c.values()]
+        rank = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
+        print(f"merged {len(args.loras)} LoRAs ({len(ranks)} layers, rank {rank}, tokens "
+              f"{meta['token'] or 'none'}) -> {', '.join(x for x in (args.output, args.into_base) if x)}")
 
 
 if __name__ == "__main__":

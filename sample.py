@@ -34,12 +34,12 @@ import sys
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
-from safetensors import safe_open
 from tqdm import tqdm
 
+import errors
 from dco import alphas_cumprod
-from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, find_lora_files, official_tokens,
-                   parse_token, read_learned_tokens, save_image)
+from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, check_writable, find_lora_files,
+                   official_tokens, open_safetensors, parse_token, read_learned_tokens, save_image)
 from lora import apply_lora, load_lora_file, lora_modules, lora_scale
 from text_encoder import resize_token_embeddings
 
@@ -362,6 +362,12 @@ def load_lora(sd, path, weight=1.0, names=None) -> dict:
         raise FileNotFoundError(f"--lora {path}: the folder has no {PEFT_FILE}, {KOHYA_FILE} or {EMBEDS_FILE}")
     modules = {c: getattr(sd, c) for c in COMPONENTS}
     states = [load_lora_file(lora, modules, sd.unet.config)[0]] if lora else []
+    for state in states:  # NaN/inf weights (a diverged run) would draw black images without a word
+        bad = [n for layers in state.values() for n, (d, u, _) in layers.items()
+               if not (torch.isfinite(d).all() and torch.isfinite(u).all())]
+        if bad:
+            raise ValueError(f"--lora {lora}: {len(bad)} layer(s) hold NaN/inf weights (e.g. {bad[0]}): its training "
+                             "diverged; use an earlier checkpoint")
     try:
         for state in states:
             for comp, layers in state.items():
@@ -377,7 +383,7 @@ def lora_pooling(path):
     path = find_lora_files(path)[0]
     if path is None or not path.endswith(".safetensors"):
         return None
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         return (f.metadata() or {}).get("pool")
 
 
@@ -387,7 +393,7 @@ def lora_method(path):
     path = find_lora_files(path)[0]
     if path is None or not path.endswith(".safetensors"):
         return None
-    with safe_open(path, framework="pt") as f:
+    with open_safetensors(path) as f:
         return (f.metadata() or {}).get("loss")
 
 
@@ -492,10 +498,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=list(DTYPES), help="UNet and text encoders (default: fp16 on "
                                                                        "cuda, else fp32)")
     args = p.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    errors.cli(lambda: run(args), memory_hint="lower --height/--width or --n, or on a GPU use --dtype fp16")
 
 
 def run(args):
@@ -509,6 +512,12 @@ def run(args):
         if not os.path.exists(path):
             raise FileNotFoundError(f"--lora {path}: no such file or folder")
     wcons = args.wcon or [3.0 if loras else 0.0]
+    errors.check_finite(cfg=args.cfg, wcon=wcons, lora=[w for _, w in loras])
+    errors.check_device(args.device)
+    for flag in ("height", "width"):
+        if getattr(args, flag) <= 0 or getattr(args, flag) % 8:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: must be a positive multiple of 8")
+    check_writable(args.out, "--out")  # before loading the model: a read-only or full disk, a folder in the way
     if any(wcons) and not loras:
         raise ValueError("--wcon > 0 needs a --lora: consistency guidance compares a LoRA model with the base model")
     if args.n < 1:
@@ -531,6 +540,12 @@ def run(args):
         added = load_lora(sd, path, weight, names)
         names = [n for n in names if n[0] not in added]  # the next official file takes the next names
         tokens.update(added)
+    for flag, text in (("--prompt", args.prompt), ("--base-prompt", args.base_prompt),
+                       ("--negative-prompt", args.negative_prompt)):
+        length = len(sd.tokenizer.encode(text)) if text else 0
+        if length > errors.prompt_window(sd.tokenizer):
+            print(f"warning: {flag} is {length} CLIP tokens; only the first {errors.prompt_window(sd.tokenizer)} "
+                  "are read", file=sys.stderr)
 
     base_prompt = None
     if any(wcons):

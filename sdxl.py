@@ -17,15 +17,13 @@ Only `.safetensors` is ever read -- never a pickle, which could run arbitrary co
 Run `python sdxl.py --model ID_OR_PATH` to download (or find) a model and print what was loaded.
 """
 import argparse
-import json
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
+import errors
+import files
 import single_file
 from hub import CONFIG_FILES, MODEL_COMPONENTS, component_weight_files, download
 from text_encoder import CLIPTextModel, CLIPTokenizer, encode_prompt
@@ -97,26 +95,30 @@ def weight_files(folder, comp, variant="fp16"):
 def read_json(path, what):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: {what}")
-    with open(path) as f:
-        return json.load(f)
+    return files.read_json(path)  # malformed JSON: a ValueError naming the file
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Building the modules
 
-def build(cls, config, state_dict, device, dtype, **kwargs):
+def build(cls, config, state_dict, device, dtype, what="", **kwargs):
     """Construct on the meta device (no memory, no random init: SDXL's UNet is 2.6 B parameters), then adopt the
     loaded tensors as the parameters with `assign=True`, and cast once."""
     with torch.device("meta"):
         model = cls(config, **kwargs)
-    model.load_state_dict(state_dict, strict=True, assign=True)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:  # weights of another model: one line, not one per tensor
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ValueError(f"{what}: the weights do not fit its config.json ({len(problems)} problem(s), first: "
+                         f"{problems[0][:150] if problems else e}); they belong to another model") from None
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def load_component(folder, comp, variant="fp16"):
     sd = {}
     for path in weight_files(folder, comp, variant):
-        sd.update(load_file(path))
+        sd.update(files.load_tensors(path))
     return sd
 
 
@@ -150,7 +152,7 @@ def load_vae(source, device="cpu", dtype=torch.float32, vae_dtype=None):
         raise FileNotFoundError(f"--vae {source}: no diffusion_pytorch_model.safetensors in {folder}")
     if vae_dtype is None:
         vae_dtype = torch.float32 if config.get("force_upcast", True) else dtype
-    return build(AutoencoderKL, config, convert_legacy_vae_keys(load_file(weights)), device, vae_dtype)
+    return build(AutoencoderKL, config, convert_legacy_vae_keys(files.load_tensors(weights)), device, vae_dtype)
 
 
 def _load_sdxl(model, device, dtype, vae_dtype, variant, config_from):
@@ -176,7 +178,7 @@ def _load_sdxl(model, device, dtype, vae_dtype, variant, config_from):
 def load_single_file(path, device, dtype, vae_dtype, config_from=SDXL_BASE):
     """A ComfyUI/A1111 checkpoint: check its header is SDXL base before reading gigabytes, then rename the keys.
     The file holds weights only; configs and tokenizers come from `config_from` (a few small files)."""
-    with safe_open(path, "pt") as f:
+    with files.open_safetensors(path) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     single_file.check_sdxl_checkpoint(shapes, path, adm_in_channels=None)  # names only, before any download
     folder = config_from if os.path.isdir(config_from) else download(config_from, patterns=CONFIG_FILES)
@@ -184,7 +186,7 @@ def load_single_file(path, device, dtype, vae_dtype, config_from=SDXL_BASE):
                for c in MODEL_COMPONENTS}
     single_file.check_sdxl_checkpoint(shapes, path, configs["unet"]["projection_class_embeddings_input_dim"])
     index = read_json(os.path.join(folder, "model_index.json"), f"{config_from} is not a diffusers SDXL folder")
-    weights = single_file.sgm_to_diffusers(load_file(path), configs["unet"], configs["vae"],
+    weights = single_file.sgm_to_diffusers(files.load_tensors(path), configs["unet"], configs["vae"],
                                            configs["text_encoder"], configs["text_encoder_2"])
     return assemble(folder, configs, weights, index, device, dtype, vae_dtype, source=path)
 
@@ -199,6 +201,8 @@ def hub_text_encoder_keys(sd):
 
 
 def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
+    def what(comp):  # where a component's weights came from, for errors
+        return f"{source} ({comp})" if os.path.isfile(str(source)) else os.path.join(folder, comp)
     for comp in ("text_encoder", "text_encoder_2"):
         weights[comp] = hub_text_encoder_keys(weights[comp])
     weights["vae"] = convert_legacy_vae_keys(weights["vae"])
@@ -208,13 +212,13 @@ def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
     tokenizer = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer"))
     tokenizer_2 = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer_2"))
     return SDXL(
-        unet=build(UNet, configs["unet"], weights["unet"], device, dtype),
-        vae=build(AutoencoderKL, configs["vae"], weights["vae"], device, vae_dtype),
+        unet=build(UNet, configs["unet"], weights["unet"], device, dtype, what=what("unet")),
+        vae=build(AutoencoderKL, configs["vae"], weights["vae"], device, vae_dtype, what=what("vae")),
         # Pool at the tokenizer's real end-of-text id (the configs' eos_token_id is a legacy 2).
         text_encoder=build(CLIPTextModel, configs["text_encoder"], weights["text_encoder"], device, dtype,
-                           eos_token_id=tokenizer.eos_token_id),
+                           what=what("text_encoder"), eos_token_id=tokenizer.eos_token_id),
         text_encoder_2=build(CLIPTextModel, configs["text_encoder_2"], weights["text_encoder_2"], device, dtype,
-                             eos_token_id=tokenizer_2.eos_token_id),
+                             what=what("text_encoder_2"), eos_token_id=tokenizer_2.eos_token_id),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         scheduler=scheduler,
@@ -229,11 +233,9 @@ if __name__ == "__main__":
                                                       ".safetensors, or tiny")
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     args = p.parse_args()
-    try:
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        sd = load_sdxl(args.model, dtype=dtype)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    sd = errors.cli(lambda: load_sdxl(args.model, dtype=dtype), memory_hint="try --dtype fp16 on a machine with "
+                                                                           "more memory")
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         m = getattr(sd, name)
         print(f"{name:15s} {sum(p.numel() for p in m.parameters()):>14,d} parameters  {next(m.parameters()).dtype}")

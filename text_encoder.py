@@ -12,13 +12,14 @@ The tokenizer reproduces transformers' (tokenizers-backed) CLIPTokenizer token f
 `regex`/`ftfy` packages. Like transformers it does NOT run ftfy/html-unescape as OpenAI's original tokenizer does.
 """
 
-import json
 import unicodedata
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from files import read_json, read_text
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -133,13 +134,13 @@ class CLIPTokenizer:
         for name in ("vocab.json", "merges.txt"):
             if not (path / name).is_file():
                 raise FileNotFoundError(f"{path / name} not found: pass a hub tokenizer folder (tokenizer*/)")
-        vocab = json.loads((path / "vocab.json").read_text(encoding="utf-8"))
-        lines = (path / "merges.txt").read_text(encoding="utf-8").splitlines()
+        vocab = read_json(path / "vocab.json")  # malformed: a ValueError naming the file
+        lines = read_text(path / "merges.txt").splitlines()
         merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         config = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins, as in transformers
             if (path / name).is_file():
-                config.update(json.loads((path / name).read_text(encoding="utf-8")))
+                config.update(read_json(path / name))
         defaults = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                     "pad_token": "<|endoftext|>"}
         names, special_tokens = {}, {}

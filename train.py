@@ -18,7 +18,6 @@ it lives in checkpoint.py.
 import argparse
 import functools
 import hashlib
-import json
 import os
 import statistics
 import sys
@@ -35,9 +34,10 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 import checkpoint
+import errors
 from dco import (add_noise, alphas_cumprod, check_scheduler_config, dco_loss, diffusion_loss, min_snr_weights,
                  prior_preservation_loss, sample_noise, sample_timesteps, training_target)
-from files import DTYPES, save_image, write_json
+from files import DTYPES, read_json, read_text, save_image, sha256, write_json
 from lora import UNET_ATTN, inject_lora, lora_modules, lora_parameters, lora_scale
 from sample import generate
 from sdxl import SDXL_BASE, load_sdxl, native_resolution
@@ -122,6 +122,10 @@ def parse_args(argv=None):
         raise ValueError(f"--snr-gamma {args.snr_gamma:g}: must be > 0 (5 in Hang et al. 2023), or left out")
     if args.seed < 0 or args.checkpoint_every < 0 or args.sample_steps < 0:
         raise ValueError("--seed, --checkpoint-every and --sample-steps must be >= 0")
+    errors.check_finite(beta=args.beta, lr=args.lr, ti_lr=args.ti_lr, weight_decay=args.weight_decay, alpha=args.alpha,
+                        grad_clip=args.grad_clip, offset_noise=args.offset_noise, prior_weight=args.prior_weight)
+    if args.device:
+        errors.check_device(args.device)
     return args
 
 
@@ -165,7 +169,7 @@ def read_data(args):
     if args.config:  # the official format: {name: {images, prompts, base_prompts, inserting_tokens, ...}}
         if not os.path.isfile(args.config):
             raise FileNotFoundError(f"--config {args.config}: no such file")
-        configs = json.loads(Path(args.config).read_text())
+        configs = read_json(args.config)
         if args.config_name not in configs:
             raise ValueError(f"--config-name {args.config_name}: not in {args.config} (it has {', '.join(configs)})")
         cfg, here = configs[args.config_name], os.path.dirname(os.path.abspath(args.config))
@@ -187,7 +191,7 @@ def read_data(args):
         if not paths:
             raise ValueError(f"--images {args.images}: no images ({', '.join(IMAGE_EXTS)}) in this folder")
         sidecars = [Path(p).with_suffix(".txt") for p in paths]  # kohya's convention: dog1.txt describes dog1.jpg
-        captions = [s.read_text(encoding="utf-8").strip() if s.is_file() else None for s in sidecars]
+        captions = [read_text(s).strip() if s.is_file() else None for s in sidecars]
         base, tokens, inits = None, [], []
         name = os.path.basename(os.path.normpath(args.images))
     if args.token:
@@ -400,7 +404,7 @@ def class_images(sd, args, out, prompt):
     folder = args.class_dir or os.path.join(out, "class_images")
     os.makedirs(folder, exist_ok=True)
     info, info_path = {"prompt": prompt, "model": args.model, "resolution": args.resolution}, Path(folder, "info.json")
-    if info_path.is_file() and json.loads(info_path.read_text()) != info:
+    if info_path.is_file() and read_json(info_path) != info:
         raise ValueError(f"{folder} holds class images of another prompt/model/resolution; pass another --class-dir")
     write_json(info_path, info)
     paths = [os.path.join(folder, f"{i:04d}.png") for i in range(args.num_class_images)]
@@ -502,6 +506,8 @@ def train(args, loss_fn=None):
                              fixed_time_ids=args.time_ids == "fixed")
     images = [load(p) for p in paths]  # every image is read now: bad files fail early
     out = args.output or os.path.join("output", name)
+    class_dir = args.class_dir or os.path.join(out, "class_images")
+    checkpoint.preflight(out, class_dir if args.loss == "db-prior" else None)  # before loading the model
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mp = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
     dtype = DTYPES["fp32" if mp == "no" else mp]
@@ -517,9 +523,11 @@ def train(args, loss_fn=None):
     check_model_fits(sd, args, paths, captions, tokens)
     config = {**vars(args), "name": name, "output": out, "device": str(device), "mixed_precision": mp,
               "alpha": args.alpha or float(args.rank), "tokens": tokens, "init_words": inits,
-              "images": paths, "captions": captions, "base_prompts": base_prompts}
+              "images": paths, "image_sha256": [sha256(p) for p in paths], "captions": captions,
+              "base_prompts": base_prompts}
     resume_from = checkpoint.check_run_folder(out, config, args.resume, args.steps)  # before anything is written
     os.makedirs(out, exist_ok=True)
+    lock = checkpoint.RunLock(out)  # one run per folder; the kernel drops it if this process dies
     write_json(os.path.join(out, checkpoint.CONFIG_FILE), config)
     meta = lora_metadata(args, config)
     class_prompt, class_paths = prior_class(sd, args, out, images, load, name, inits)  # db-prior: + class images
@@ -540,20 +548,17 @@ def train(args, loss_fn=None):
                        base_prompts=base_prompts, class_prompt=class_prompt, embeds=embeds, amp=amp, device=device)
 
     # --- AdamW on the LoRA (lr) and the new token rows (ti-lr), constant learning rate
-    lora_params, ti_params = lora_parameters(sd.unet), [e.rows for e in embeds]
-    groups = [{"params": lora_params, "lr": args.lr}] + ([{"params": ti_params, "lr": args.ti_lr}] if embeds else [])
-    # On CUDA the fused kernel updates all ~1,100 LoRA tensors at once instead of a dozen kernels per tensor.
-    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
-                            fused=device.type == "cuda")
+    opt, params = adamw(sd.unet, embeds, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")  # fp16 gradients underflow without it
     start = 0
     if resume_from:
         start = checkpoint.load_checkpoint(resume_from, sd.unet, embeds, opt, scaler)
         checkpoint.truncate_log(out, start)
-        print(f"resuming from {resume_from}")
+        print(f"resuming from {resume_from}" if start < args.steps else
+              f"{resume_from} is the run's last step: writing its final files again")
 
     # --- the loop
-    print(f"{len(paths)} images, new tokens {tokens}, {sum(p.numel() for p in lora_params + ti_params):,} trainable "
+    print(f"{len(paths)} images, new tokens {tokens}, {sum(p.numel() for p in params):,} trainable "
           f"parameters, loss {args.loss}, {mp} on {device} -> {out}/")
     bar, times = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train"), []
     for step in bar:
@@ -564,10 +569,12 @@ def train(args, loss_fn=None):
             e.rescale()
         times.append(time.perf_counter() - t0)
         record = log_record(step, loss, reward, batch.t[:args.batch_size], opt, times[-1])
+        checkpoint.check_finite(out, record, mp)  # a NaN/inf loss stops the run
         checkpoint.append_log(out, record)
         bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "implicit_reward") if k in record})
         done = step + 1
         if done == args.steps or (args.checkpoint_every and done % args.checkpoint_every == 0):
+            checkpoint.check_finite(out, record, mp, params)  # nothing NaN is ever saved
             if args.checkpoint_every:
                 checkpoint.save_checkpoint(os.path.join(out, f"checkpoint-{done}"), sd.unet, embeds, opt, scaler,
                                            done, meta)
@@ -576,8 +583,19 @@ def train(args, loss_fn=None):
 
     # --- the LoRA in both formats, the new token rows
     checkpoint.save_final(out, sd.unet, embeds, meta)
+    lock.release()
     print_resources(times, device)
     return {"sd": sd, "out": out, "embeds": embeds}
+
+
+def adamw(unet, embeds, args, device):
+    """-> (AdamW, its parameters): the LoRA at --lr, the new token rows at --ti-lr, the official betas and eps."""
+    lora_params, ti_params = lora_parameters(unet), [e.rows for e in embeds]
+    groups = [{"params": lora_params, "lr": args.lr}] + ([{"params": ti_params, "lr": args.ti_lr}] if embeds else [])
+    # On CUDA the fused kernel updates all ~1,100 LoRA tensors at once instead of a dozen kernels per tensor.
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=args.weight_decay,
+                            fused=device.type == "cuda")
+    return opt, lora_params + ti_params
 
 
 def lora_metadata(args, config):
@@ -596,6 +614,29 @@ def check_model_fits(sd, args, paths, captions, tokens):
     for p, c in zip(paths, captions):
         if tokens and not any(t in c for t in tokens):
             print(f"warning: the caption of {p} has no {' or '.join(tokens)}: {c!r}", file=sys.stderr)
+        check_caption_window(sd, args, p, c, tokens)
+    for prompt in args.sample_prompt or []:
+        length = errors.token_positions(sd.tokenizer, prompt, tokens[0] if tokens else None)[1]
+        if length > errors.prompt_window(sd.tokenizer):
+            print(f"warning: --sample-prompt {prompt[:40]!r}... is {length} CLIP tokens; only the first "
+                  f"{errors.prompt_window(sd.tokenizer)} are read", file=sys.stderr)
+
+
+def check_caption_window(sd, args, path, caption, tokens):
+    """CLIP reads 75 tokens of a caption: a learned token past them is never seen, and trains nothing."""
+    where = args.config or Path(path).with_suffix(".txt")  # where the caption came from
+    longest = 0
+    for tokenizer in (sd.tokenizer, sd.tokenizer_2):
+        window = errors.prompt_window(tokenizer)
+        for t in tokens or [None]:
+            at, length = errors.token_positions(tokenizer, caption, t)
+            longest = max(longest, length)
+            if at is not None and at > window:
+                raise ValueError(f"{where}: the caption is {length} CLIP tokens and {t} is token {at}, past the "
+                                 f"{window} CLIP reads, so it would learn nothing; name {t} earlier or shorten it")
+    if longest > errors.prompt_window(sd.tokenizer):
+        print(f"warning: {where}: the caption is {longest} CLIP tokens; only the first "
+              f"{errors.prompt_window(sd.tokenizer)} are read", file=sys.stderr)
 
 
 def add_new_tokens(sd, tokens, inits):
@@ -638,11 +679,27 @@ def print_resources(times, device):
               f"{peak_memory(device) / 2 ** 30:.2f} GiB ({what})")
 
 
+MEMORY_HINT = ("lower --resolution or --batch-size, add --gradient-checkpointing, or on a GPU use --mixed-precision "
+               "bf16; --resume continues from the last checkpoint")
+
+
 def main(argv=None):
-    try:
-        train(parse_args(argv))
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    parsed = []
+
+    def run():
+        parsed.append(parse_args(argv))
+        train(parsed[0])
+    errors.cli(run, memory_hint=MEMORY_HINT, next_command=lambda: resume_hint(parsed[0] if parsed else None))
+
+
+def resume_hint(args):
+    """After Ctrl-C or a full disk: what the next command continues from."""
+    if args is None:
+        return "run the same command again"
+    out = args.output or os.path.join("output", args.config_name or os.path.basename(os.path.normpath(args.images)))
+    found = checkpoint.checkpoints(out)
+    return (f"the same command with --resume continues from {found[-1][1]}" if found else
+            "no checkpoint was saved yet: run the same command again")
 
 
 if __name__ == "__main__":

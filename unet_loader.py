@@ -9,7 +9,6 @@ Every attribute name equals the diffusers `UNet2DConditionModel` checkpoint key,
 `unet/diffusion_pytorch_model.safetensors` loads with one `load_state_dict(sd, strict=True)`. Only the config
 features SDXL uses are implemented; `UNet(config)` raises ValueError for anything else.
 """
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from files import read_json
 
 
 def load_unet_config(path) -> dict:
@@ -26,7 +27,7 @@ def load_unet_config(path) -> dict:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"UNet config not found: {path} (pass the unet/config.json of an SDXL checkpoint)")
-    return json.loads(path.read_text())
+    return read_json(path)  # malformed: a ValueError naming the file
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool, shift: float) -> torch.Tensor:
