@@ -24,7 +24,9 @@ from lora import load_lora_file, lora_modules, save_lora_kohya, save_lora_peft
 
 CONFIG_FILE, LOG_FILE = "train_config.json", "log.jsonl"
 # Settings a resumed run must share with the run it continues: they shape the LoRA, the data or the draws.
-FIXED_ON_RESUME = ("model", "loss", "rank", "alpha", "resolution", "batch_size", "seed", "tokens", "captions")
+# The global batch (processes x batch size x grad-accum) defines each step's draws (train.get_batch); how it is split
+# over processes and micro-batches does not, so a run may resume on another number of GPUs with the same global batch.
+FIXED_ON_RESUME = ("model", "loss", "rank", "alpha", "resolution", "global_batch_size", "seed", "tokens", "captions")
 
 
 def checkpoints(out):
@@ -51,6 +53,11 @@ def check_run_folder(out, config, resume, steps):
     if step >= steps:
         raise ValueError(f"--resume: {path} already has {step} steps; raise --steps")
     old = json.loads(Path(config_path).read_text()) if os.path.exists(config_path) else config
+    old.setdefault("global_batch_size", old.get("batch_size"))  # a run from before torchrun: one process
+    if old["global_batch_size"] != config["global_batch_size"]:
+        raise ValueError(f"--resume: the global batch (processes x --batch-size x --grad-accum) was "
+                         f"{old['global_batch_size']} in {out}, now {config['global_batch_size']}; keep the product "
+                         "(any split over processes and --grad-accum continues the same run)")
     for k in FIXED_ON_RESUME:
         if old.get(k) != config[k]:
             raise ValueError(f"--resume: {k} was {old.get(k)!r} in {out}, now {config[k]!r}; it must not change")

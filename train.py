@@ -19,16 +19,19 @@ import argparse
 import functools
 import hashlib
 import json
+import math
 import os
 import statistics
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -56,7 +59,8 @@ def parse_args(argv=None):
     g.add_argument("--token", help='new token to learn, e.g. "<dog>" (default: <folder name> if that is a word)')
     g.add_argument("--init-word", help="existing one-token word the new token starts from, e.g. dog")
     g.add_argument("--resolution", type=int, help="default: the model's own, 1024 for SDXL (32 for tiny)")
-    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=1, help="per process (under torchrun: the global batch is "
+                                                             "processes x batch size x --grad-accum)")
     g.add_argument("--offset-noise", type=float, default=0.0, help="0.1 helps learn solid colours (styles)")
     g = p.add_argument_group("model and output")
     g.add_argument("--model", default=SDXL_BASE, help="hub id, diffusers folder, single-file .safetensors, or tiny "
@@ -72,6 +76,11 @@ def parse_args(argv=None):
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, LoRA scale 1)")
     g.add_argument("--lr", type=float, default=5e-5)
     g.add_argument("--ti-lr", type=float, default=5e-6, help="learning rate of the new token rows")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"],
+                   help="after the warm-up: constant (the official), or a cosine / linear decay to 0 at --steps")
+    g.add_argument("--lr-warmup", type=int, default=0, help="steps of linear warm-up from 0 to the learning rates")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step: --batch-size B --grad-accum K "
+                                                             "trains as --batch-size K*B in the memory of B")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
@@ -99,13 +108,13 @@ def parse_args(argv=None):
         raise ValueError("--token and --init-word go together, e.g. --token '<dog>' --init-word dog")
     if args.resolution is None:
         args.resolution = native_resolution(args.model)
-    for flag in ("steps", "rank", "batch_size", "resolution", "num_class_images"):
+    for flag in ("steps", "rank", "batch_size", "grad_accum", "resolution", "num_class_images"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.resolution % 8:
         raise ValueError(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's downsampling)")
-    if args.seed < 0 or args.checkpoint_every < 0 or args.sample_steps < 0:
-        raise ValueError("--seed, --checkpoint-every and --sample-steps must be >= 0")
+    if args.seed < 0 or args.checkpoint_every < 0 or args.sample_steps < 0 or args.lr_warmup < 0:
+        raise ValueError("--seed, --checkpoint-every, --sample-steps and --lr-warmup must be >= 0")
     return args
 
 
@@ -264,26 +273,42 @@ class Batch:
     base_cond: tuple | None
 
 
-def get_batch(step, data, sd, args, amp):
-    """A step's batch, a pure function of (seed, step): x_0 drawn from the cached latent Gaussians, eps and t fresh.
-    With new tokens theta's captions are encoded again every step, so the gradient reaches the token rows."""
+def get_batch(step, data, sd, args, amp, rank=0, world_size=1):
+    """This process's micro-batches of a step ([Batch] * --grad-accum), a pure function of (seed, step): x_0 drawn
+    from the cached latent Gaussians, eps and t fresh. With new tokens theta's captions are encoded again every
+    step, so the gradient reaches the token rows.
+
+    The step's global batch is the batch of G = processes x --batch-size x --grad-accum that one process with
+    --batch-size G draws (the same rng keys, the same draws in the same order); process r's k-th micro-batch is
+    its slice number r*K + k. So N processes x B x K train exactly as one process x N*B*K would, up to the order
+    of floating-point sums, and a single process draws what it drew before torchrun existed."""
+    B, K = args.batch_size, args.grad_accum
+    G = world_size * B * K
     g = rng(args.seed, "step", step)
-    idx = batch_indices(step, args.batch_size, data.n, args.seed)
-    if data.prior is not None:  # db-prior: + B class images in the same forward
-        idx = torch.cat([idx, data.n + torch.randint(len(data.means) - data.n, (args.batch_size,), generator=g)])
+    idx = batch_indices(step, G, data.n, args.seed)
+    if data.prior is not None:  # db-prior: + G class images in the same forward, [instance; class]
+        idx = torch.cat([idx, data.n + torch.randint(len(data.means) - data.n, (G,), generator=g)])
     x0 = latent_dist_sample(data.means[idx], data.logvars[idx], g) * sd.vae.scaling_factor
     eps = sample_noise(x0, args.offset_noise, g)
     t = sample_timesteps(len(idx), len(data.alphas_cumprod), generator=g)
-    xt, eps, t = add_noise(x0, eps, t, data.alphas_cumprod).to(data.device), eps.to(data.device), t.to(data.device)
-    inst = idx[:args.batch_size]
-    base_cond = data.base_ctx[inst], data.base_pooled[inst]
-    cond = base_cond
-    if data.embeds:
-        with amp():
-            cond = sd.encode_prompt([data.captions[i] for i in inst])
-    if data.prior is not None:
-        cond = torch.cat([cond[0], data.prior[0]]), torch.cat([cond[1], data.prior[1]])
-    return Batch(xt, eps, t, data.time_ids[idx], cond, base_cond if args.loss == "dco" else None)
+    xt = add_noise(x0, eps, t, data.alphas_cumprod)
+    batches = []
+    for k in range(K):
+        first = (rank * K + k) * B
+        part = torch.arange(first, first + B)  # positions in the global batch
+        if data.prior is not None:  # and their class images, so the micro-batch is [instance; class] too
+            part = torch.cat([part, G + part])
+        inst = idx[first:first + B]
+        base_cond = data.base_ctx[inst], data.base_pooled[inst]
+        cond = base_cond
+        if data.embeds:
+            with amp():
+                cond = sd.encode_prompt([data.captions[i] for i in inst])
+        if data.prior is not None:
+            cond = torch.cat([cond[0], data.prior[0]]), torch.cat([cond[1], data.prior[1]])
+        batches.append(Batch(xt[part].to(data.device), eps[part].to(data.device), t[part].to(data.device),
+                             data.time_ids[idx[part]], cond, base_cond if args.loss == "dco" else None))
+    return batches
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -303,25 +328,31 @@ def db_prior_loss(eps_theta, eps_phi, eps, beta=None, prior_weight=1.0):
 LOSSES = {"dco": dco_loss, "db": db_loss, "db-prior": db_prior_loss}
 
 
-def prior_class(sd, args, out, images, name, inits):
+def prior_class(sd, args, out, images, name, inits, master=True):
     """db-prior: add the class images to `images` and return the class prompt (None for the other losses). They are
-    made by the base model, so before any LoRA or new token exists."""
+    made by the base model, so before any LoRA or new token exists. Under torchrun rank 0 makes them while the others
+    wait, then every process reads them."""
     if args.loss != "db-prior":
         return None
     prompt = args.class_prompt or f"a photo of a {inits[0] if inits else name}"
-    images += [load_image(p, args.resolution) for p in class_images(sd, args, out, prompt)]
+    if master:
+        class_images(sd, args, out, prompt)
+    barrier()
+    images += [load_image(p, args.resolution) for p in class_images(sd, args, out, prompt, generate=False)]
     return prompt
 
 
-def class_images(sd, args, out, prompt):
-    """db-prior: the base model's own images of the class, generated once and cached as PNGs."""
+def class_images(sd, args, out, prompt, generate=True):
+    """db-prior: the base model's own images of the class, generated once and cached as PNGs (-> their paths)."""
     folder = args.class_dir or os.path.join(out, "class_images")
+    paths = [os.path.join(folder, f"{i:04d}.png") for i in range(args.num_class_images)]
+    if not generate:
+        return paths
     os.makedirs(folder, exist_ok=True)
     info, info_path = {"prompt": prompt, "model": args.model, "resolution": args.resolution}, Path(folder, "info.json")
     if info_path.is_file() and json.loads(info_path.read_text()) != info:
         raise ValueError(f"{folder} holds class images of another prompt/model/resolution; pass another --class-dir")
     write_json(info_path, info)
-    paths = [os.path.join(folder, f"{i:04d}.png") for i in range(args.num_class_images)]
     for i in tqdm([i for i, p in enumerate(paths) if not os.path.exists(p)], desc="class images"):
         save_image(generate_images(sd, [prompt], args, seed=args.seed + i)[0], paths[i])
     return paths
@@ -347,29 +378,119 @@ def save_samples(sd, args, out, step, captions, tokens):
 # ----------------------------------------------------------------------------------------------------------
 # The step and the loop
 
-def train_step(unet, opt, scaler, batch, loss_fn, grad_clip=1.0, amp=nullcontext):
-    """One optimisation step on a Batch -> (loss, implicit reward per sample or None). bench.py times exactly this.
+def train_step(unet, opt, scaler, batches, loss_fn, grad_clip=1.0, amp=nullcontext):
+    """One optimisation step on this process's micro-batches (a list of Batch) -> (loss, implicit reward per sample
+    or None), both over these micro-batches. bench.py times exactly this.
 
     loss_fn(eps_theta, eps_phi, eps) -> (loss, reward). The gradients reach every parameter of `opt` (the LoRA, and
-    the new token rows through batch.cond)."""
-    eps_phi = None
-    if batch.base_cond is not None:
-        # phi = the pretrained model = this same UNet with its LoRA switched off (bit-identical to the base):
-        # no second copy of SDXL. Without autograd it keeps no activations, so DCO costs one more forward but about
-        # DreamBooth's peak memory. It runs first, so its temporaries are freed before theta's pile up.
-        # inference_mode rather than no_grad: no version counters or view tracking (cheaper).
-        with torch.inference_mode(), lora_scale(unet, 0.0), amp():
-            eps_phi = unet(batch.xt, batch.t, *batch.base_cond, batch.time_ids)
-    with amp():
-        eps_theta = unet(batch.xt, batch.t, *batch.cond, batch.time_ids)
-    loss, reward = loss_fn(eps_theta, eps_phi, batch.eps)
-    scaler.scale(loss).backward()
+    the new token rows through batch.cond). Each micro-batch's loss is divided by their number K, so the K backward
+    passes add up to the gradient of the mean over all of them; under torchrun average_gradients then makes it the
+    mean over the global batch. That is exact because the loss is a mean over samples (DCO's log-sigmoid is taken
+    per sample, then averaged), and it happens before clipping, so the clipped gradient is the global batch's."""
+    losses, rewards = [], []
+    for batch in batches:
+        eps_phi = None
+        if batch.base_cond is not None:
+            # phi = the pretrained model = this same UNet with its LoRA switched off (bit-identical to the base):
+            # no second copy of SDXL. Without autograd it keeps no activations, so DCO costs one more forward but
+            # about DreamBooth's peak memory. It runs first, so its temporaries are freed before theta's pile up.
+            # inference_mode rather than no_grad: no version counters or view tracking (cheaper).
+            with torch.inference_mode(), lora_scale(unet, 0.0), amp():
+                eps_phi = unet(batch.xt, batch.t, *batch.base_cond, batch.time_ids)
+        with amp():
+            eps_theta = unet(batch.xt, batch.t, *batch.cond, batch.time_ids)
+        loss, reward = loss_fn(eps_theta, eps_phi, batch.eps)
+        scaler.scale(loss / len(batches)).backward()
+        losses.append(loss.detach())
+        rewards.append(reward)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if dist.is_initialized():
+        average_gradients(params)
     scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], grad_clip)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return loss, reward
+    return sum(losses) / len(losses), (None if rewards[0] is None else torch.cat(rewards))
+
+
+def lr_factor(step, args):
+    """The learning rates' multiplier at a step: --lr-warmup steps of linear warm-up (step 0 already trains, at
+    1/warmup), then constant, or a cosine / linear decay towards 0 at --steps. A pure function of the step, so a
+    resumed run needs no scheduler state."""
+    if step < args.lr_warmup:
+        return (step + 1) / args.lr_warmup
+    if args.lr_schedule == "constant":
+        return 1.0
+    progress = (step - args.lr_warmup) / max(1, args.steps - args.lr_warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
+
+
+# ----------------------------------------------------------------------------------------------------------
+# More than one GPU: `torchrun --nproc_per_node N train.py ...` (data parallel, one process per GPU)
+
+def init_distributed(device):
+    """-> (rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without it: (0, 1, device)
+    and no process group, so a plain run executes no collective of any kind."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device
+    if device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # A rank that dies is noticed by torchrun, which stops the others within seconds. The timeout only bounds a
+        # rank that hangs: long enough for rank 0 to generate db-prior's class images while the others wait.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier():
+    """Wait for every process (where rank 0 writes what the others then read); nothing without torchrun."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def broadcast_parameters(params):
+    """Every process starts from rank 0's trainable weights, as DistributedDataParallel does at construction: then
+    identical averaged gradients keep them identical (the token rows' retraction included)."""
+    if dist.is_initialized():
+        for p in params:
+            dist.broadcast(p, 0)
+
+
+@torch.no_grad()
+def average_gradients(params):
+    """Data parallel by hand: one all_reduce of every gradient, flattened into one buffer, / world size. Chosen over
+    wrapping the UNet in DistributedDataParallel because the trainable tensors are not all in the UNet (the token
+    rows live in the text encoders), phi calls the same UNet without gradients, and gradient accumulation would need
+    no_sync(): one call after the K backward passes says all of it. What it gives up is DDP's overlap of the
+    reduction with the backward pass: small for a LoRA (~0.2 GB of fp32 gradients at rank 32 on SDXL)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]  # a rank where it got none
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def gather(x):
+    """This process's per-sample values (its slice of the global batch) -> the global batch's, in order."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def average(x):
+    """A scalar averaged over the processes (the global batch's loss, each process having the same share)."""
+    if not dist.is_initialized():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
 
 
 @dataclass
@@ -396,7 +517,8 @@ def train(args, loss_fn=None):
     name, paths, captions, base_prompts, tokens, inits = read_data(args)
     images = [load_image(p, args.resolution) for p in paths]  # every image is read now: bad files fail early
     out = args.output or os.path.join("output", name)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world_size, device = init_distributed(args.device)  # under torchrun: this process's rank and GPU
+    master = rank == 0  # writes every file and prints; the other processes only train
     mp = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
     dtype = DTYPES["fp32" if mp == "no" else mp]
     amp = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=mp != "no")
@@ -409,12 +531,15 @@ def train(args, loss_fn=None):
     check_model_fits(sd, args, paths, captions, tokens)
     config = {**vars(args), "name": name, "output": out, "device": str(device), "mixed_precision": mp,
               "alpha": args.alpha or float(args.rank), "tokens": tokens, "init_words": inits,
-              "images": paths, "captions": captions, "base_prompts": base_prompts}
+              "images": paths, "captions": captions, "base_prompts": base_prompts, "world_size": world_size,
+              "global_batch_size": world_size * args.batch_size * args.grad_accum}
     resume_from = checkpoint.check_run_folder(out, config, args.resume, args.steps)  # before anything is written
-    os.makedirs(out, exist_ok=True)
-    write_json(os.path.join(out, checkpoint.CONFIG_FILE), config)
+    barrier()  # every process has checked the folder before rank 0 writes to it
+    if master:
+        os.makedirs(out, exist_ok=True)
+        write_json(os.path.join(out, checkpoint.CONFIG_FILE), config)
     meta = lora_metadata(args, config)
-    class_prompt = prior_class(sd, args, out, images, name, inits)  # db-prior: base-model class images, + images
+    class_prompt = prior_class(sd, args, out, images, name, inits, master)  # db-prior: class images, + images
 
     # --- LoRA on the UNet's attention projections: peft's gaussian init, alpha = rank (official: customize.py:503)
     torch.manual_seed(args.seed)
@@ -439,7 +564,7 @@ def train(args, loss_fn=None):
                      base_pooled=base_pooled, prior=prior, embeds=embeds, alphas_cumprod=alphas_cumprod(sd.scheduler),
                      time_ids=torch.stack([t for _, t in images]).float().to(device), device=device)
 
-    # --- AdamW on the LoRA (lr) and the new token rows (ti-lr), constant learning rate
+    # --- AdamW on the LoRA (lr) and the new token rows (ti-lr); constant learning rates unless --lr-schedule
     lora_params, ti_params = lora_parameters(sd.unet), [e.rows for e in embeds]
     groups = [{"params": lora_params, "lr": args.lr}] + ([{"params": ti_params, "lr": args.ti_lr}] if embeds else [])
     # On CUDA the fused kernel updates all ~1,100 LoRA tensors at once instead of a dozen kernels per tensor.
@@ -449,21 +574,33 @@ def train(args, loss_fn=None):
     start = 0
     if resume_from:
         start = checkpoint.load_checkpoint(resume_from, sd.unet, embeds, opt, scaler)
-        checkpoint.truncate_log(out, start)
-        print(f"resuming from {resume_from}")
+        if master:
+            checkpoint.truncate_log(out, start)
+            print(f"resuming from {resume_from}")
+    broadcast_parameters(lora_params + ti_params)  # under torchrun: every process starts from rank 0's weights
+    base_lrs = [group["lr"] for group in opt.param_groups]
 
     # --- the loop
-    print(f"{len(paths)} images, new tokens {tokens}, {sum(p.numel() for p in lora_params + ti_params):,} trainable "
-          f"parameters, loss {args.loss}, {mp} on {device} -> {out}/")
-    bar, times = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train"), []
+    if master:
+        print(f"{len(paths)} images, new tokens {tokens}, {sum(p.numel() for p in lora_params + ti_params):,} "
+              f"trainable parameters, loss {args.loss}, {mp} on {device} x {world_size} -> {out}/")
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=not master)
+    times = []
     for step in bar:
         t0 = time.perf_counter()
-        batch = get_batch(step, data, sd, args, amp)
-        loss, reward = train_step(sd.unet, opt, scaler, batch, loss_fn, grad_clip=args.grad_clip, amp=amp)
+        for group, lr in zip(opt.param_groups, base_lrs):
+            group["lr"] = lr * lr_factor(step, args)
+        batches = get_batch(step, data, sd, args, amp, rank, world_size)
+        loss, reward = train_step(sd.unet, opt, scaler, batches, loss_fn, grad_clip=args.grad_clip, amp=amp)
         for e in embeds:
             e.rescale()
         times.append(time.perf_counter() - t0)
-        record = log_record(step, loss, reward, batch.t[:args.batch_size], opt, times[-1])
+        # the global batch's numbers (every process joins these collectives; rank 0 logs them)
+        loss, t = average(loss), gather(torch.cat([b.t[:args.batch_size] for b in batches]))
+        reward = None if reward is None else gather(reward)
+        if not master:
+            continue
+        record = log_record(step, loss, reward, t, opt, times[-1])
         checkpoint.append_log(out, record)
         bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "implicit_reward") if k in record})
         done = step + 1
@@ -475,8 +612,9 @@ def train(args, loss_fn=None):
                 save_samples(sd, args, out, done, captions, tokens)
 
     # --- the LoRA in both formats, the new token rows
-    checkpoint.save_final(out, sd.unet, embeds, meta)
-    print_resources(times, device)
+    if master:
+        checkpoint.save_final(out, sd.unet, embeds, meta)
+        print_resources(times, device)
     return {"sd": sd, "out": out, "embeds": embeds}
 
 
@@ -538,10 +676,16 @@ def print_resources(times, device):
 
 
 def main(argv=None):
+    rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 prints the error; every rank exits 1
     try:
         train(parse_args(argv))
     except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(f"error: {e}" if rank == 0 else 1)
+    except dist.DistError as e:  # under torchrun: another process died (or hung past the timeout)
+        sys.exit(f"error: rank {rank}: {str(e).splitlines()[0]}; another process stopped: run again with --resume "
+                 "to continue from the last checkpoint")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
