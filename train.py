@@ -281,7 +281,10 @@ def get_batch(step, data, sd, args, amp, rank=0, world_size=1):
     The step's global batch is the batch of G = processes x --batch-size x --grad-accum that one process with
     --batch-size G draws (the same rng keys, the same draws in the same order); process r's k-th micro-batch is
     its slice number r*K + k. So N processes x B x K train exactly as one process x N*B*K would, up to the order
-    of floating-point sums, and a single process draws what it drew before torchrun existed."""
+    of floating-point sums, and a single process draws what it drew before torchrun existed. With new tokens the K
+    micro-batches' captions are encoded here, up front: each keeps its text-encoder graph until its backward pass
+    (estimated ~0.1 GB per caption at SDXL size, bf16), which a large --grad-accum x --batch-size with a token
+    pays for."""
     B, K = args.batch_size, args.grad_accum
     G = world_size * B * K
     g = rng(args.seed, "step", step)
@@ -553,6 +556,8 @@ def train(args, loss_fn=None):
     embeds = add_new_tokens(sd, tokens, inits)  # textual inversion: trainable rows in both text encoders
 
     # --- caches: each image through the VAE once, the fixed prompts through the text encoders once
+    # (under torchrun every process builds the same caches itself: they are small next to the model every GPU holds
+    # anyway, and each process has its own copy of the encoders to build them with)
     means, logvars = encode_images(sd.vae, [x for x, _ in images])
     sd.vae.to("cpu")  # not needed again until sampling
     base_ctx, base_pooled = encode_prompts(sd, base_prompts or captions, amp)
@@ -681,8 +686,10 @@ def main(argv=None):
         train(parse_args(argv))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}" if rank == 0 else 1)
-    except dist.DistError as e:  # under torchrun: another process died (or hung past the timeout)
-        sys.exit(f"error: rank {rank}: {str(e).splitlines()[0]}; another process stopped: run again with --resume "
+    except RuntimeError as e:  # under torchrun, a collective that failed: another process died (or hung)
+        if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):  # NCCL's error class; gloo's message
+            raise
+        sys.exit(f"error: rank {rank}: another process stopped ({str(e).splitlines()[0]}); run again with --resume "
                  "to continue from the last checkpoint")
     if dist.is_initialized():
         dist.destroy_process_group()
