@@ -444,7 +444,8 @@ def init_distributed(device):
     if not dist.is_initialized():
         # A rank that dies is noticed by torchrun, which stops the others within seconds. The timeout only bounds a
         # rank that hangs: long enough for rank 0 to generate db-prior's class images while the others wait.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30),
+                                device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
