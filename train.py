@@ -444,8 +444,7 @@ def init_distributed(device):
     if not dist.is_initialized():
         # A rank that dies is noticed by torchrun, which stops the others within seconds. The timeout only bounds a
         # rank that hangs: long enough for rank 0 to generate db-prior's class images while the others wait.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -688,7 +687,7 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}" if rank == 0 else 1)
     except RuntimeError as e:  # under torchrun, a collective that failed: another process died (or hung)
-        if not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):  # NCCL's error class; gloo's message
+        if not (isinstance(e, dist.DistBackendError) or "gloo/transport" in str(e)):  # NCCL's class; gloo's words
             raise
         sys.exit(f"error: rank {rank}: another process stopped ({str(e).splitlines()[0]}); run again with --resume "
                  "to continue from the last checkpoint")
