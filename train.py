@@ -274,17 +274,15 @@ class Batch:
 
 
 def get_batch(step, data, sd, args, amp, rank=0, world_size=1):
-    """This process's micro-batches of a step ([Batch] * --grad-accum), a pure function of (seed, step): x_0 drawn
-    from the cached latent Gaussians, eps and t fresh. With new tokens theta's captions are encoded again every
-    step, so the gradient reaches the token rows.
+    """A step's batch, a pure function of (seed, step): x_0 drawn from the cached latent Gaussians, eps and t fresh.
+    -> (the timesteps of its images, for the log; this process's --grad-accum micro-batches, an iterator of Batch).
 
     The step's global batch is the batch of G = processes x --batch-size x --grad-accum that one process with
     --batch-size G draws (the same rng keys, the same draws in the same order); process r's k-th micro-batch is
     its slice number r*K + k. So N processes x B x K train exactly as one process x N*B*K would, up to the order
-    of floating-point sums, and a single process draws what it drew before torchrun existed. With new tokens the K
-    micro-batches' captions are encoded here, up front: each keeps its text-encoder graph until its backward pass
-    (estimated ~0.1 GB per caption at SDXL size, bf16), which a large --grad-accum x --batch-size with a token
-    pays for."""
+    of floating-point sums, and a single process draws what it drew before torchrun existed. With new tokens theta's
+    captions are encoded again for each micro-batch as it is made, so the gradient reaches the token rows and only
+    one micro-batch's text-encoder graph exists at a time."""
     B, K = args.batch_size, args.grad_accum
     G = world_size * B * K
     g = rng(args.seed, "step", step)
@@ -295,23 +293,25 @@ def get_batch(step, data, sd, args, amp, rank=0, world_size=1):
     eps = sample_noise(x0, args.offset_noise, g)
     t = sample_timesteps(len(idx), len(data.alphas_cumprod), generator=g)
     xt = add_noise(x0, eps, t, data.alphas_cumprod)
-    batches = []
-    for k in range(K):
-        first = (rank * K + k) * B
-        part = torch.arange(first, first + B)  # positions in the global batch
-        if data.prior is not None:  # and their class images, so the micro-batch is [instance; class] too
-            part = torch.cat([part, G + part])
-        inst = idx[first:first + B]
-        base_cond = data.base_ctx[inst], data.base_pooled[inst]
-        cond = base_cond
-        if data.embeds:
-            with amp():
-                cond = sd.encode_prompt([data.captions[i] for i in inst])
-        if data.prior is not None:
-            cond = torch.cat([cond[0], data.prior[0]]), torch.cat([cond[1], data.prior[1]])
-        batches.append(Batch(xt[part].to(data.device), eps[part].to(data.device), t[part].to(data.device),
-                             data.time_ids[idx[part]], cond, base_cond if args.loss == "dco" else None))
-    return batches
+
+    def micro_batches():
+        for k in range(K):
+            first = (rank * K + k) * B
+            part = torch.arange(first, first + B)  # positions in the global batch
+            if data.prior is not None:  # and their class images, so the micro-batch is [instance; class] too
+                part = torch.cat([part, G + part])
+            inst = idx[first:first + B]
+            base_cond = data.base_ctx[inst], data.base_pooled[inst]
+            cond = base_cond
+            if data.embeds:
+                with amp():
+                    cond = sd.encode_prompt([data.captions[i] for i in inst])
+            if data.prior is not None:
+                cond = torch.cat([cond[0], data.prior[0]]), torch.cat([cond[1], data.prior[1]])
+            yield Batch(xt[part].to(data.device), eps[part].to(data.device), t[part].to(data.device),
+                        data.time_ids[idx[part]], cond, base_cond if args.loss == "dco" else None)
+
+    return t[:G], micro_batches()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -381,15 +381,15 @@ def save_samples(sd, args, out, step, captions, tokens):
 # ----------------------------------------------------------------------------------------------------------
 # The step and the loop
 
-def train_step(unet, opt, scaler, batches, loss_fn, grad_clip=1.0, amp=nullcontext):
-    """One optimisation step on this process's micro-batches (a list of Batch) -> (loss, implicit reward per sample
-    or None), both over these micro-batches. bench.py times exactly this.
+def train_step(unet, opt, scaler, batches, loss_fn, grad_clip=1.0, amp=nullcontext, accum=1):
+    """One optimisation step on this process's `accum` micro-batches (an iterable of Batch) -> (loss, implicit
+    reward per sample or None), both over these micro-batches. bench.py times exactly this.
 
     loss_fn(eps_theta, eps_phi, eps) -> (loss, reward). The gradients reach every parameter of `opt` (the LoRA, and
-    the new token rows through batch.cond). Each micro-batch's loss is divided by their number K, so the K backward
-    passes add up to the gradient of the mean over all of them; under torchrun average_gradients then makes it the
-    mean over the global batch. That is exact because the loss is a mean over samples (DCO's log-sigmoid is taken
-    per sample, then averaged), and it happens before clipping, so the clipped gradient is the global batch's."""
+    the new token rows through batch.cond). Each micro-batch's loss is divided by their number K = accum, so the K
+    backward passes add up to the gradient of the mean over all of them; under torchrun average_gradients then makes
+    it the mean over the global batch. That is exact because the loss is a mean over samples (DCO's log-sigmoid is
+    taken per sample, then averaged), and it happens before clipping, so the clipped gradient is the global batch's."""
     losses, rewards = [], []
     for batch in batches:
         eps_phi = None
@@ -403,7 +403,7 @@ def train_step(unet, opt, scaler, batches, loss_fn, grad_clip=1.0, amp=nullconte
         with amp():
             eps_theta = unet(batch.xt, batch.t, *batch.cond, batch.time_ids)
         loss, reward = loss_fn(eps_theta, eps_phi, batch.eps)
-        scaler.scale(loss / len(batches)).backward()
+        scaler.scale(loss / accum).backward()
         losses.append(loss.detach())
         rewards.append(reward)
     params = [p for group in opt.param_groups for p in group["params"]]
@@ -595,14 +595,14 @@ def train(args, loss_fn=None):
         t0 = time.perf_counter()
         for group, lr in zip(opt.param_groups, base_lrs):
             group["lr"] = lr * lr_factor(step, args)
-        batches = get_batch(step, data, sd, args, amp, rank, world_size)
-        loss, reward = train_step(sd.unet, opt, scaler, batches, loss_fn, grad_clip=args.grad_clip, amp=amp)
+        t, batches = get_batch(step, data, sd, args, amp, rank, world_size)
+        loss, reward = train_step(sd.unet, opt, scaler, batches, loss_fn, grad_clip=args.grad_clip, amp=amp,
+                                  accum=args.grad_accum)
         for e in embeds:
             e.rescale()
         times.append(time.perf_counter() - t0)
-        # the global batch's numbers (every process joins these collectives; rank 0 logs them)
-        loss, t = average(loss), gather(torch.cat([b.t[:args.batch_size] for b in batches]))
-        reward = None if reward is None else gather(reward)
+        # the global batch's loss and rewards (every process joins these collectives; rank 0 logs them)
+        loss, reward = average(loss), (None if reward is None else gather(reward))
         if not master:
             continue
         record = log_record(step, loss, reward, t, opt, times[-1])
