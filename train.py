@@ -11,6 +11,8 @@ Defaults follow the official code, kyungmnlee/dco at commit 164ae17 ("customize.
 line; flags at customize.py:91-130, the LoRA at :503-505): beta 1000, lr 5e-5, rank 32, alpha = rank, AdamW
 (weight decay 1e-4), grad clip 1.0, constant LR, 1024^2, batch 1.
 
+`torchrun --nproc_per_node N train.py ...` trains the same LoRA data-parallel on N GPUs (README: "More than one GPU").
+
 Read train() top to bottom, in the paper's order: data -> model + LoRA + new tokens -> caches -> optimizer -> loop
 -> save. The run folder (config, log, checkpoints, --resume, the files written) is file plumbing, not the method:
 it lives in checkpoint.py.
