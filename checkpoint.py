@@ -30,7 +30,9 @@ from lora import load_lora_file, lora_modules, save_lora_kohya, save_lora_peft
 
 CONFIG_FILE, LOG_FILE = "train_config.json", "log.jsonl"
 # Settings a resumed run must share with the run it continues: they shape the LoRA, the data or the draws.
-FIXED_ON_RESUME = ("model", "loss", "rank", "alpha", "resolution", "batch_size", "seed", "tokens", "init_words",
+# The global batch (processes x batch size x grad-accum) defines each step's draws (train.get_batch); how it is split
+# over processes and micro-batches does not, so a run may resume on another number of GPUs with the same global batch.
+FIXED_ON_RESUME = ("model", "loss", "rank", "alpha", "resolution", "global_batch_size", "seed", "tokens", "init_words",
                    "captions", "base_prompts", "offset_noise", "crop", "random_flip", "resample", "time_ids", "pool")
 LOCK_FILE = ".lock"
 
@@ -72,6 +74,11 @@ def check_run_folder(out, config, resume, steps):
     if not isinstance(old, dict):
         raise ValueError(f"{config_path}: not a training run's settings; restore it, or start a new --output")
     check_same_images(out, old, config)
+    old.setdefault("global_batch_size", old.get("batch_size"))  # a run from before torchrun: one process
+    if old["global_batch_size"] != config["global_batch_size"]:
+        raise ValueError(f"--resume: the global batch (processes x --batch-size x --grad-accum) was "
+                         f"{old['global_batch_size']} in {out}, now {config['global_batch_size']}; keep the product "
+                         "(any split over processes and --grad-accum continues the same run)")
     for k in FIXED_ON_RESUME:
         if k in old and old[k] != config.get(k):
             raise ValueError(f"--resume: {k} was {old[k]!r} in {out}, now {config.get(k)!r}; it must not change "
@@ -154,6 +161,24 @@ def preflight(out, class_dir=None):
     check_not_running(out)
     if class_dir:
         check_writable(class_dir, "--class-dir folder")
+
+
+def start_run(out, config):
+    """The run's folder, its lock (one run per folder) and train_config.json -> the lock, to release at the end."""
+    os.makedirs(out, exist_ok=True)
+    lock = RunLock(out)  # dropped by the kernel if this process dies
+    write_json(os.path.join(out, CONFIG_FILE), config)
+    return lock
+
+
+def resume(path, unet, embeds, opt, scaler, steps, master=True):
+    """--resume: restore the checkpoint at `path` and drop the log lines after it -> the step to continue from."""
+    start = load_checkpoint(path, unet, embeds, opt, scaler)
+    if master:
+        truncate_log(os.path.dirname(path), start)
+        print(f"resuming from {path}" if start < steps else f"{path} is the run's last step: writing its final "
+              "files again")
+    return start
 
 
 def save_lora(folder, unet, embeds, meta):

@@ -21,11 +21,12 @@ ADVICE = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk 
 FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # the machine's fault, not the command's: run it again after
 
 
-def cli(main, *, memory_hint="", next_command=None):
+def cli(main, *, memory_hint="", next_command=None, quiet=False):
     """Run `main()`; exit with one line for the errors a user (or the machine) causes: 1, or 130 for Ctrl-C.
 
     memory_hint: the flags that reduce this tool's memory. next_command(): what to run after a fault (Ctrl-C, a
-    full disk), e.g. train.py's "--resume continues from checkpoint-40"; default: the same command again."""
+    full disk), e.g. train.py's "--resume continues from checkpoint-40"; default: the same command again.
+    quiet: exit with the code but print nothing (torchrun's other ranks: rank 0 says it once)."""
     def again():
         return next_command() if next_command else "run the same command again"
     try:
@@ -46,6 +47,8 @@ def cli(main, *, memory_hint="", next_command=None):
         message, code = f"error: out of memory ({first_line(e)}){'; ' + memory_hint if memory_hint else ''}", 1
     # Exit outside the except blocks: the failed call's frames (and the run lock they hold) are freed first.
     message = " ".join(message.split())
+    if quiet:
+        sys.exit(code)
     if code == 1:
         sys.exit(message)  # printed to stderr, exit status 1
     print(message, file=sys.stderr)

@@ -11,6 +11,8 @@ Defaults follow the official code, kyungmnlee/dco at commit 164ae17 ("customize.
 line; flags at customize.py:91-130, the LoRA at :503-505): beta 1000, lr 5e-5, rank 32, alpha = rank, AdamW
 (weight decay 1e-4), grad clip 1.0, constant LR, 1024^2, batch 1.
 
+`torchrun --nproc_per_node N train.py ...` trains the same LoRA data-parallel on N GPUs (README: "More than one GPU").
+
 Read train() top to bottom, in the paper's order: data -> model + LoRA + new tokens -> caches -> optimizer -> loop
 -> save. The run folder (config, log, checkpoints, --resume, the files written) is file plumbing, not the method:
 it lives in checkpoint.py.
@@ -18,16 +20,19 @@ it lives in checkpoint.py.
 import argparse
 import functools
 import hashlib
+import math
 import os
 import statistics
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageOps
@@ -56,7 +61,8 @@ def parse_args(argv=None):
     g.add_argument("--token", help='new token to learn, e.g. "<dog>" (default: <folder name> if that is a word)')
     g.add_argument("--init-word", help="existing one-token word the new token starts from, e.g. dog")
     g.add_argument("--resolution", type=int, help="default: the model's own, 1024 for SDXL (32 for tiny)")
-    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=1, help="per process (under torchrun: the global batch is "
+                                                             "processes x batch size x --grad-accum)")
     g.add_argument("--offset-noise", type=float, default=0.0, help="0.1 helps learn solid colours (styles)")
     g.add_argument("--crop", choices=["center", "random"], default="center", help="where the RxR crop of the resized "
                    "image is taken (random: a new crop each step, as the official code)")
@@ -84,6 +90,11 @@ def parse_args(argv=None):
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, LoRA scale 1)")
     g.add_argument("--lr", type=float, default=5e-5)
     g.add_argument("--ti-lr", type=float, default=5e-6, help="learning rate of the new token rows")
+    g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"],
+                   help="after the warm-up: constant (the official), or a cosine / linear decay to 0 at --steps")
+    g.add_argument("--lr-warmup", type=int, default=0, help="steps of linear warm-up from 0 to the learning rates")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step: --batch-size B --grad-accum K "
+                                                             "trains as --batch-size K*B in the memory of B")
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
@@ -111,7 +122,7 @@ def parse_args(argv=None):
         raise ValueError("--token and --init-word go together, e.g. --token '<dog>' --init-word dog")
     if args.resolution is None:
         args.resolution = native_resolution(args.model)
-    for flag in ("steps", "rank", "batch_size", "resolution", "num_class_images"):
+    for flag in ("steps", "rank", "batch_size", "grad_accum", "resolution", "num_class_images"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.resolution % 8:
@@ -120,8 +131,8 @@ def parse_args(argv=None):
         raise ValueError(f"--alpha {args.alpha}: must be > 0 (the LoRA's scale is alpha / rank; leave it out for 1)")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ValueError(f"--snr-gamma {args.snr_gamma:g}: must be > 0 (5 in Hang et al. 2023), or left out")
-    if args.seed < 0 or args.checkpoint_every < 0 or args.sample_steps < 0:
-        raise ValueError("--seed, --checkpoint-every and --sample-steps must be >= 0")
+    if args.seed < 0 or args.checkpoint_every < 0 or args.sample_steps < 0 or args.lr_warmup < 0:
+        raise ValueError("--seed, --checkpoint-every, --sample-steps and --lr-warmup must be >= 0")
     errors.check_finite(beta=args.beta, lr=args.lr, ti_lr=args.ti_lr, weight_decay=args.weight_decay, alpha=args.alpha,
                         grad_clip=args.grad_clip, offset_noise=args.offset_noise, prior_weight=args.prior_weight)
     if args.device:
@@ -335,13 +346,22 @@ class Batch:
     weights: torch.Tensor | None = None
 
 
-def get_batch(step, data, sd, args, amp):
+def get_batch(step, data, sd, args, amp, rank=0, world_size=1):
     """A step's batch, a pure function of (seed, step): x_0 drawn from the cached latent Gaussians, eps and t fresh.
-    With new tokens theta's captions are encoded again every step, so the gradient reaches the token rows."""
+    -> (the timesteps of its images, for the log; this process's --grad-accum micro-batches, an iterator of Batch).
+
+    The step's global batch is the batch of G = processes x --batch-size x --grad-accum that one process with
+    --batch-size G draws (the same rng keys, the same draws in the same order); process r's k-th micro-batch is
+    its slice number r*K + k. So N processes x B x K train exactly as one process x N*B*K would, up to the order
+    of floating-point sums, and a single process draws what it drew before torchrun existed. With new tokens theta's
+    captions are encoded again for each micro-batch as it is made, so the gradient reaches the token rows and only
+    one micro-batch's text-encoder graph exists at a time."""
+    B, K = args.batch_size, args.grad_accum
+    G = world_size * B * K
     g = rng(args.seed, "step", step)
-    idx = batch_indices(step, args.batch_size, data.n, args.seed)
-    if data.prior is not None:  # db-prior: + B class images in the same forward
-        idx = torch.cat([idx, data.n + torch.randint(len(data.means) - data.n, (args.batch_size,), generator=g)])
+    idx = batch_indices(step, G, data.n, args.seed)
+    if data.prior is not None:  # db-prior: + G class images in the same forward, [instance; class]
+        idx = torch.cat([idx, data.n + torch.randint(len(data.means) - data.n, (G,), generator=g)])
     if data.crops is not None:  # this step's random crops / flips, each VAE-encoded once (CropCache)
         means, logvars, time_ids = data.crops.get(idx, rng(args.seed, "crop", step))
     else:
@@ -350,21 +370,29 @@ def get_batch(step, data, sd, args, amp):
     eps = sample_noise(x0, args.offset_noise, g)
     t = sample_timesteps(len(idx), len(data.alphas_cumprod), generator=g)
     prediction = sd.scheduler.get("prediction_type", "epsilon")  # epsilon, or v_prediction for a v-model
-    target = training_target(x0, eps, t, data.alphas_cumprod, prediction).to(data.device)
-    weights = None
-    if args.snr_gamma:
-        weights = min_snr_weights(t, data.alphas_cumprod, args.snr_gamma, prediction).to(data.device)
-    xt, t = add_noise(x0, eps, t, data.alphas_cumprod).to(data.device), t.to(data.device)
-    inst = idx[:args.batch_size]
-    base_cond = data.base_ctx[inst], data.base_pooled[inst]
-    cond = base_cond
-    if data.embeds:
-        with amp():
-            cond = sd.encode_prompt([data.captions[i] for i in inst])
-    if data.prior is not None:
-        cond = torch.cat([cond[0], data.prior[0]]), torch.cat([cond[1], data.prior[1]])
-    base_cond = base_cond if args.loss == "dco" else None
-    return Batch(xt, target, t, time_ids.to(data.device), cond, base_cond, weights)
+    target = training_target(x0, eps, t, data.alphas_cumprod, prediction)
+    weights = min_snr_weights(t, data.alphas_cumprod, args.snr_gamma, prediction) if args.snr_gamma else None
+    xt = add_noise(x0, eps, t, data.alphas_cumprod)
+
+    def micro_batches():
+        for k in range(K):
+            first = (rank * K + k) * B
+            part = torch.arange(first, first + B)  # positions in the global batch
+            if data.prior is not None:  # and their class images, so the micro-batch is [instance; class] too
+                part = torch.cat([part, G + part])
+            inst = idx[first:first + B]
+            base_cond = data.base_ctx[inst], data.base_pooled[inst]
+            cond = base_cond
+            if data.embeds:
+                with amp():
+                    cond = sd.encode_prompt([data.captions[i] for i in inst])
+            if data.prior is not None:
+                cond = torch.cat([cond[0], data.prior[0]]), torch.cat([cond[1], data.prior[1]])
+            dev = data.device
+            yield Batch(xt[part].to(dev), target[part].to(dev), t[part].to(dev), time_ids[part].to(dev), cond,
+                        base_cond if args.loss == "dco" else None, None if weights is None else weights[part].to(dev))
+
+    return t[:G], micro_batches()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -388,26 +416,32 @@ def db_prior_loss(eps_theta, eps_phi, eps, beta=None, prior_weight=1.0, weights=
 LOSSES = {"dco": dco_loss, "db": db_loss, "db-prior": db_prior_loss}
 
 
-def prior_class(sd, args, out, images, load, name, inits):
+def prior_class(sd, args, out, images, load, name, inits, master=True):
     """db-prior: add the class images to `images` -> (class prompt, their paths); (None, []) for the other losses.
-    They are made by the base model, so before any LoRA or new token exists."""
+    They are made by the base model, so before any LoRA or new token exists. Under torchrun rank 0 makes them while
+    the others wait, then every process reads them."""
     if args.loss != "db-prior":
         return None, []
     prompt = args.class_prompt or f"a photo of a {inits[0] if inits else name}"
-    paths = class_images(sd, args, out, prompt)
+    if master:
+        class_images(sd, args, out, prompt)
+    barrier()
+    paths = class_images(sd, args, out, prompt, generate=False)
     images += [load(p) for p in paths]
     return prompt, paths
 
 
-def class_images(sd, args, out, prompt):
-    """db-prior: the base model's own images of the class, generated once and cached as PNGs."""
+def class_images(sd, args, out, prompt, generate=True):
+    """db-prior: the base model's own images of the class, generated once and cached as PNGs (-> their paths)."""
     folder = args.class_dir or os.path.join(out, "class_images")
+    paths = [os.path.join(folder, f"{i:04d}.png") for i in range(args.num_class_images)]
+    if not generate:
+        return paths
     os.makedirs(folder, exist_ok=True)
     info, info_path = {"prompt": prompt, "model": args.model, "resolution": args.resolution}, Path(folder, "info.json")
     if info_path.is_file() and read_json(info_path) != info:
         raise ValueError(f"{folder} holds class images of another prompt/model/resolution; pass another --class-dir")
     write_json(info_path, info)
-    paths = [os.path.join(folder, f"{i:04d}.png") for i in range(args.num_class_images)]
     for i in tqdm([i for i, p in enumerate(paths) if not os.path.exists(p)], desc="class images"):
         save_image(generate_images(sd, [prompt], args, seed=args.seed + i)[0], paths[i])
     return paths
@@ -434,7 +468,8 @@ def save_samples(sd, args, out, step, captions, tokens):
 # The step and the loop
 
 def make_caches(sd, args, *, images, paths, class_paths, captions, base_prompts, class_prompt, embeds, amp, device):
-    """-> TrainData: the latent Gaussians of the images, phi's encoded base prompts, db-prior's class prompt."""
+    """-> TrainData: the latent Gaussians of the images, phi's encoded base prompts, db-prior's class prompt. Under
+    torchrun every process builds the same caches itself: they are small next to the model every GPU holds anyway."""
     means, logvars = encode_images(sd.vae, [x for x, _ in images])
     crops = None
     if args.crop == "random" or args.random_flip:  # then the VAE stays: each new crop is encoded when first drawn
@@ -452,30 +487,121 @@ def make_caches(sd, args, *, images, paths, class_paths, captions, base_prompts,
                      time_ids=torch.stack([t for _, t in images]).float().to(device), device=device, crops=crops)
 
 
-def train_step(unet, opt, scaler, batch, loss_fn, grad_clip=1.0, amp=nullcontext):
-    """One optimisation step on a Batch -> (loss, implicit reward per sample or None). bench.py times exactly this.
+def train_step(unet, opt, scaler, batches, loss_fn, grad_clip=1.0, amp=nullcontext, accum=1):
+    """One optimisation step on this process's `accum` micro-batches (an iterable of Batch) -> (loss, implicit
+    reward per sample or None), both over these micro-batches. bench.py times exactly this.
 
     loss_fn(eps_theta, eps_phi, target) -> (loss, reward), plus weights= with --snr-gamma. The gradients reach every
-    parameter of `opt` (the LoRA, and the new token rows through batch.cond)."""
-    eps_phi = None
-    if batch.base_cond is not None:
-        # phi = the pretrained model = this same UNet with its LoRA switched off (bit-identical to the base):
-        # no second copy of SDXL. Without autograd it keeps no activations, so DCO costs one more forward but about
-        # DreamBooth's peak memory. It runs first, so its temporaries are freed before theta's pile up.
-        # inference_mode rather than no_grad: no version counters or view tracking (cheaper).
-        with torch.inference_mode(), lora_scale(unet, 0.0), amp():
-            eps_phi = unet(batch.xt, batch.t, *batch.base_cond, batch.time_ids)
-    with amp():
-        eps_theta = unet(batch.xt, batch.t, *batch.cond, batch.time_ids)
-    weights = {} if batch.weights is None else {"weights": batch.weights}  # --snr-gamma
-    loss, reward = loss_fn(eps_theta, eps_phi, batch.target, **weights)
-    scaler.scale(loss).backward()
+    parameter of `opt` (the LoRA, and the new token rows through batch.cond). Each micro-batch's loss is divided by
+    their number K = accum, so the K backward passes add up to the gradient of the mean over all of them; under
+    torchrun average_gradients then makes it the mean over the global batch. That is exact because the loss is a
+    mean over samples (DCO's log-sigmoid is taken per sample, then averaged), and it happens before clipping, so
+    the clipped gradient is the global batch's."""
+    losses, rewards = [], []
+    for batch in batches:
+        eps_phi = None
+        if batch.base_cond is not None:
+            # phi = the pretrained model = this same UNet with its LoRA switched off (bit-identical to the base):
+            # no second copy of SDXL. Without autograd it keeps no activations, so DCO costs one more forward but
+            # about DreamBooth's peak memory. It runs first, so its temporaries are freed before theta's pile up.
+            # inference_mode rather than no_grad: no version counters or view tracking (cheaper).
+            with torch.inference_mode(), lora_scale(unet, 0.0), amp():
+                eps_phi = unet(batch.xt, batch.t, *batch.base_cond, batch.time_ids)
+        with amp():
+            eps_theta = unet(batch.xt, batch.t, *batch.cond, batch.time_ids)
+        weights = {} if batch.weights is None else {"weights": batch.weights}  # --snr-gamma
+        loss, reward = loss_fn(eps_theta, eps_phi, batch.target, **weights)
+        scaler.scale(loss / accum).backward()
+        losses.append(loss.detach())
+        rewards.append(reward)
+    params = [p for group in opt.param_groups for p in group["params"]]
+    if dist.is_initialized():
+        average_gradients(params)
     scaler.unscale_(opt)
-    torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], grad_clip)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
-    return loss, reward
+    return sum(losses) / len(losses), (None if rewards[0] is None else torch.cat(rewards))
+
+
+def lr_factor(step, args):
+    """The learning rates' multiplier at a step: --lr-warmup steps of linear warm-up (step 0 already trains, at
+    1/warmup), then constant, or a cosine / linear decay towards 0 at --steps. A pure function of the step, so a
+    resumed run needs no scheduler state."""
+    if step < args.lr_warmup:
+        return (step + 1) / args.lr_warmup
+    if args.lr_schedule == "constant":
+        return 1.0
+    progress = (step - args.lr_warmup) / max(1, args.steps - args.lr_warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if args.lr_schedule == "cosine" else 1 - progress
+
+
+# ----------------------------------------------------------------------------------------------------------
+# More than one GPU: `torchrun --nproc_per_node N train.py ...` (data parallel, one process per GPU)
+
+def init_distributed(device):
+    """-> (rank, world size, device). torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without it: (0, 1, device)
+    and no process group, so a plain run executes no collective of any kind."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if int(os.environ.get("RANK", -1)) == -1:
+        return 0, 1, device
+    if device.type == "cuda":  # one GPU per process
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # A rank that dies is noticed by torchrun, which stops the others within seconds. The timeout only bounds a
+        # rank that hangs: long enough for rank 0 to generate db-prior's class images while the others wait.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier():
+    """Wait for every process (where rank 0 writes what the others then read); nothing without torchrun."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@torch.no_grad()
+def broadcast_parameters(params):
+    """Every process starts from rank 0's trainable weights, as DistributedDataParallel does at construction: then
+    identical averaged gradients keep them identical (the token rows' retraction included)."""
+    if dist.is_initialized():
+        for p in params:
+            dist.broadcast(p, 0)
+
+
+@torch.no_grad()
+def average_gradients(params):
+    """Data parallel by hand: one all_reduce of every gradient, flattened into one buffer, / world size. Chosen over
+    wrapping the UNet in DistributedDataParallel because the trainable tensors are not all in the UNet (the token
+    rows live in the text encoders), phi calls the same UNet without gradients, and gradient accumulation would need
+    no_sync(): one call after the K backward passes says all of it. What it gives up is DDP's overlap of the
+    reduction with the backward pass: small for a LoRA (~0.2 GB of fp32 gradients at rank 32 on SDXL)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]  # a rank where it got none
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def gather(x):
+    """This process's per-sample values (its slice of the global batch) -> the global batch's, in order."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def average(x):
+    """A scalar averaged over the processes (the global batch's loss, each process having the same share)."""
+    if not dist.is_initialized():
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
 
 
 @dataclass
@@ -506,12 +632,12 @@ def train(args, loss_fn=None):
                              fixed_time_ids=args.time_ids == "fixed")
     images = [load(p) for p in paths]  # every image is read now: bad files fail early
     out = args.output or os.path.join("output", name)
+    rank, world_size, device = init_distributed(args.device)  # under torchrun: this process's rank and GPU
+    master = rank == 0  # writes every file and prints; the other processes only train
     class_dir = args.class_dir or os.path.join(out, "class_images")
-    checkpoint.preflight(out, class_dir if args.loss == "db-prior" else None)  # before loading the model
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    mp = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
-    dtype = DTYPES["fp32" if mp == "no" else mp]
-    amp = functools.partial(torch.autocast, device.type, dtype=dtype, enabled=mp != "no")
+    if master:
+        checkpoint.preflight(out, class_dir if args.loss == "db-prior" else None)  # before loading the model
+    mp, dtype, amp = precision(args, device)  # the training dtype, and autocast to it (or nothing in fp32)
     loss_fn = functools.partial(loss_fn or LOSSES[args.loss], beta=args.beta,
                                 **({"prior_weight": args.prior_weight} if args.loss == "db-prior" else {}))
 
@@ -522,54 +648,51 @@ def train(args, loss_fn=None):
     captions, base_prompts, tokens, inits = prepare_captions(name, captions, base_prompts, tokens, inits, sd.tokenizer)
     check_model_fits(sd, args, paths, captions, tokens)
     config = {**vars(args), "name": name, "output": out, "device": str(device), "mixed_precision": mp,
-              "alpha": args.alpha or float(args.rank), "tokens": tokens, "init_words": inits,
-              "images": paths, "image_sha256": [sha256(p) for p in paths], "captions": captions,
-              "base_prompts": base_prompts}
+              "alpha": args.alpha or float(args.rank), "tokens": tokens, "init_words": inits, "images": paths,
+              "image_sha256": [sha256(p) for p in paths], "captions": captions, "base_prompts": base_prompts,
+              "world_size": world_size, "global_batch_size": world_size * args.batch_size * args.grad_accum}
     resume_from = checkpoint.check_run_folder(out, config, args.resume, args.steps)  # before anything is written
-    os.makedirs(out, exist_ok=True)
-    lock = checkpoint.RunLock(out)  # one run per folder; the kernel drops it if this process dies
-    write_json(os.path.join(out, checkpoint.CONFIG_FILE), config)
+    barrier()  # every process has checked the folder before rank 0 writes to it
+    lock = checkpoint.start_run(out, config) if master else None  # the folder, its lock and train_config.json
     meta = lora_metadata(args, config)
-    class_prompt, class_paths = prior_class(sd, args, out, images, load, name, inits)  # db-prior: + class images
+    class_prompt, class_paths = prior_class(sd, args, out, images, load, name, inits, master)  # db-prior
 
-    # --- LoRA on the UNet's attention projections: peft's gaussian init, alpha = rank (official: customize.py:503)
-    torch.manual_seed(args.seed)
-    inject_lora(sd.unet, rank=args.rank, alpha=args.alpha, targets=UNET_ATTN)
-    for m in lora_modules(sd.unet).values():  # trainable weights in fp32 (AdamW steps of 5e-5 vanish in bf16) ...
-        m.lora_down.float(), m.lora_up.float()  # ... not m.float(): the frozen base weight must stay bf16
-    sd.unet.gradient_checkpointing = args.gradient_checkpointing
-    sd.unet.train()
-    if args.compile:  # in place: lora_scale() and the checkpoint code still see the same module objects
-        sd.unet.compile()
+    # --- LoRA on the UNet's attention projections (the trainable part of theta); phi = the same UNet at scale 0
+    add_lora(sd.unet, args)
     embeds = add_new_tokens(sd, tokens, inits)  # textual inversion: trainable rows in both text encoders
 
     # --- caches: each image through the VAE once, the fixed prompts through the text encoders once
     data = make_caches(sd, args, images=images, paths=paths, class_paths=class_paths, captions=captions,
                        base_prompts=base_prompts, class_prompt=class_prompt, embeds=embeds, amp=amp, device=device)
 
-    # --- AdamW on the LoRA (lr) and the new token rows (ti-lr), constant learning rate
+    # --- AdamW on the LoRA (lr) and the new token rows (ti-lr); constant learning rates unless --lr-schedule
     opt, params = adamw(sd.unet, embeds, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=mp == "fp16")  # fp16 gradients underflow without it
-    start = 0
-    if resume_from:
-        start = checkpoint.load_checkpoint(resume_from, sd.unet, embeds, opt, scaler)
-        checkpoint.truncate_log(out, start)
-        print(f"resuming from {resume_from}" if start < args.steps else
-              f"{resume_from} is the run's last step: writing its final files again")
+    start = checkpoint.resume(resume_from, sd.unet, embeds, opt, scaler, args.steps, master) if resume_from else 0
+    broadcast_parameters(params)  # under torchrun: every process starts from rank 0's weights
+    base_lrs = [group["lr"] for group in opt.param_groups]
 
     # --- the loop
-    print(f"{len(paths)} images, new tokens {tokens}, {sum(p.numel() for p in params):,} trainable "
-          f"parameters, loss {args.loss}, {mp} on {device} -> {out}/")
-    bar, times = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train"), []
+    if master:
+        print(f"{len(paths)} images, new tokens {tokens}, {sum(p.numel() for p in params):,} trainable parameters, "
+              f"loss {args.loss}, {mp} on {device} x {world_size} -> {out}/")
+    bar, times = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", disable=not master), []
     for step in bar:
         t0 = time.perf_counter()
-        batch = get_batch(step, data, sd, args, amp)
-        loss, reward = train_step(sd.unet, opt, scaler, batch, loss_fn, grad_clip=args.grad_clip, amp=amp)
+        for group, lr in zip(opt.param_groups, base_lrs):  # --lr-warmup, --lr-schedule
+            group["lr"] = lr * lr_factor(step, args)
+        t, batches = get_batch(step, data, sd, args, amp, rank, world_size)
+        loss, reward = train_step(sd.unet, opt, scaler, batches, loss_fn, grad_clip=args.grad_clip, amp=amp,
+                                  accum=args.grad_accum)
         for e in embeds:
             e.rescale()
         times.append(time.perf_counter() - t0)
-        record = log_record(step, loss, reward, batch.t[:args.batch_size], opt, times[-1])
-        checkpoint.check_finite(out, record, mp)  # a NaN/inf loss stops the run
+        # the global batch's loss and rewards (every process joins these collectives; rank 0 logs them)
+        loss, reward = average(loss), (None if reward is None else gather(reward))
+        record = log_record(step, loss, reward, t, opt, times[-1])
+        checkpoint.check_finite(out, record, mp)  # a NaN/inf loss stops the run (on every process: they agree)
+        if not master:
+            continue
         checkpoint.append_log(out, record)
         bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "implicit_reward") if k in record})
         done = step + 1
@@ -582,10 +705,31 @@ def train(args, loss_fn=None):
                 save_samples(sd, args, out, done, captions, tokens)
 
     # --- the LoRA in both formats, the new token rows
-    checkpoint.save_final(out, sd.unet, embeds, meta)
-    lock.release()
-    print_resources(times, device)
+    if master:
+        checkpoint.save_final(out, sd.unet, embeds, meta)
+        lock.release()
+        print_resources(times, device)
     return {"sd": sd, "out": out, "embeds": embeds}
+
+
+def precision(args, device):
+    """-> (mixed precision name, dtype of the frozen weights, autocast context for it): bf16 on a GPU, fp32 on a CPU
+    unless --mixed-precision says otherwise."""
+    mp = args.mixed_precision or ("bf16" if device.type == "cuda" else "no")
+    dtype = DTYPES["fp32" if mp == "no" else mp]
+    return mp, dtype, functools.partial(torch.autocast, device.type, dtype=dtype, enabled=mp != "no")
+
+
+def add_lora(unet, args):
+    """LoRA on the UNet's attention projections: peft's gaussian init, alpha = rank (official: customize.py:503)."""
+    torch.manual_seed(args.seed)
+    inject_lora(unet, rank=args.rank, alpha=args.alpha, targets=UNET_ATTN)
+    for m in lora_modules(unet).values():  # trainable weights in fp32 (AdamW steps of 5e-5 vanish in bf16) ...
+        m.lora_down.float(), m.lora_up.float()  # ... not m.float(): the frozen base weight must stay bf16
+    unet.gradient_checkpointing = args.gradient_checkpointing
+    unet.train()
+    if args.compile:  # in place: lora_scale() and the checkpoint code still see the same module objects
+        unet.compile()
 
 
 def adamw(unet, embeds, args, device):
@@ -685,11 +829,21 @@ MEMORY_HINT = ("lower --resolution or --batch-size, add --gradient-checkpointing
 
 def main(argv=None):
     parsed = []
+    rank = int(os.environ.get("RANK", 0))  # under torchrun only rank 0 prints the error; every rank exits 1
 
     def run():
         parsed.append(parse_args(argv))
-        train(parsed[0])
-    errors.cli(run, memory_hint=MEMORY_HINT, next_command=lambda: resume_hint(parsed[0] if parsed else None))
+        try:
+            train(parsed[0])
+        except RuntimeError as e:  # under torchrun, a collective that failed: another process died (or hung)
+            if not (isinstance(e, dist.DistBackendError) or "gloo/transport" in str(e)):  # NCCL's class; gloo's words
+                raise
+            raise ValueError(f"rank {rank}: another process stopped ({errors.first_line(e)}); run again with "
+                             "--resume to continue from the last checkpoint") from None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    errors.cli(run, memory_hint=MEMORY_HINT, next_command=lambda: resume_hint(parsed[0] if parsed else None),
+               quiet=rank != 0)
 
 
 def resume_hint(args):

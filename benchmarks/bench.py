@@ -245,8 +245,8 @@ def training_setup(cfg, device, dtype, unet=None):
     xt = add_noise(x0, eps, t, alphas_cumprod().to(device))
     cond = (ctx.to(dtype), pooled.to(dtype))
     dco, db = functools.partial(dco_loss, beta=1000.0), db_loss
-    steps = {"dco": lambda: train_step(unet, opt, scaler, Batch(xt, eps, t, time_ids, cond, cond), dco, amp=amp),
-             "db": lambda: train_step(unet, opt, scaler, Batch(xt, eps, t, time_ids, cond, None), db, amp=amp)}
+    steps = {"dco": lambda: train_step(unet, opt, scaler, [Batch(xt, eps, t, time_ids, cond, cond)], dco, amp=amp),
+             "db": lambda: train_step(unet, opt, scaler, [Batch(xt, eps, t, time_ids, cond, None)], db, amp=amp)}
     return steps | {"unet": unet, "opt": opt, "scaler": scaler, "amp": amp, "batch": (xt, eps, t, time_ids, cond)}
 
 
@@ -456,7 +456,7 @@ def row_d(cfg, device, dtype, args, res, steps, unet_flops):
         eps = sample_noise(x0)
         t = sample_timesteps(1, device=device)
         batch = Batch(add_noise(x0, eps, t, acp), eps, t, time_ids, cond, base_cond)
-        train_step(unet, opt, scaler, batch, functools.partial(dco_loss, beta=1000.0), amp=amp)
+        train_step(unet, opt, scaler, [batch], functools.partial(dco_loss, beta=1000.0), amp=amp)
 
     def ours():
         step(latent_dist_sample(mean, logvar) * vae.scaling_factor, cond, cond)

@@ -1,0 +1,221 @@
+"""`torchrun --nproc_per_node 2 train.py ...` on the tiny random SDXL (CPU, gloo, 64 px): data parallel trains the
+LoRA and the token rows one process x the global batch would (and one process with --grad-accum), rank 0 alone
+writes, a killed rank ends the job, and --resume after the kill is bit-identical to an uninterrupted torchrun run.
+Also --grad-accum, the LR schedules and the resume rule on the global batch (one process, no torchrun)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from test_train import argv, make_images, read_log, run
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 12  # enough steps after checkpoint-2 to kill a rank mid-run
+FILES = ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors")
+
+
+def torchrun(*args, cwd, stderr, launcher=()):
+    """`python -m torch.distributed.run` (= torchrun) with 2 processes on this machine, started, not waited for."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *launcher,
+           str(ROOT / "train.py"), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def workers(launcher_pid):
+    """{rank: pid} of torchrun's worker processes (its children, each with RANK in its environment)."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher_pid:
+                env = dict(kv.split("=", 1) for kv in (d / "environ").read_text().split("\0") if "=" in kv)
+                found[int(env["RANK"])] = int(d.name)
+        except (OSError, KeyError, ValueError):  # a process that ended meanwhile
+            pass
+    return found
+
+
+def max_diff(a, b):
+    a, b = load_file(a), load_file(b)
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Images without captions (so a <dog> token is learned too) and the arguments every run shares."""
+    root = tmp_path_factory.mktemp("ddp")
+    return root, make_images(root / "dog")
+
+
+@pytest.fixture(scope="module")
+def ddp(tiny_sdxl, data):
+    """An uninterrupted torchrun run: 2 processes x --batch-size 1, DCO + the new token, a checkpoint every 2."""
+    root, images = data
+    out = root / "ddp"
+    with open(root / "ddp.txt", "w") as err:
+        p = torchrun(*argv(images, tiny_sdxl[0], out, "--steps", str(STEPS), "--checkpoint-every", "2"),
+                     cwd=root, stderr=err)
+        assert p.wait(timeout=300) == 0, (root / "ddp.txt").read_text()
+    return out
+
+
+@pytest.fixture(scope="module")
+def single(tiny_sdxl, data):
+    """The same runs in one process: --batch-size 2, and --batch-size 1 --grad-accum 2."""
+    root, images = data
+    outs = {"batch": root / "batch2", "accum": root / "accum2"}
+    run(*argv(images, tiny_sdxl[0], outs["batch"], "--steps", str(STEPS), "--checkpoint-every", "2",
+              "--batch-size", "2"))
+    run(*argv(images, tiny_sdxl[0], outs["accum"], "--steps", str(STEPS), "--checkpoint-every", "2",
+              "--grad-accum", "2"))
+    return outs
+
+
+def test_two_processes_train_as_one_process_with_the_global_batch(ddp, single):
+    """2 processes x B=1 == 1 process x B=2 == 1 process x B=1 x grad-accum 2: the same images, noise and timesteps
+    every step (the logs' t), the same losses, and the same LoRA and token rows up to float reduction order."""
+    logs = {"ddp": read_log(ddp), **{k: read_log(v) for k, v in single.items()}}
+    for name, log in logs.items():
+        assert [r["step"] for r in log] == list(range(STEPS)), name  # one line per step: rank 0 alone logs
+        assert [r["t"] for r in log] == [r["t"] for r in logs["ddp"]] and all(len(r["t"]) == 2 for r in log)
+        assert all(len(r["implicit_rewards"]) == 2 for r in log)
+        assert [r["loss"] for r in log] == pytest.approx([r["loss"] for r in logs["ddp"]], rel=1e-3, abs=1e-6)
+    diffs = {(name, f): max_diff(ddp / f, out / f) for name, out in single.items() for f in FILES}
+    print("max abs diff vs 2 processes x B=1:", {f"{n} {f[:7]}": f"{d:.3g}" for (n, f), d in diffs.items()})
+    assert diffs["accum", FILES[0]] <= 1e-5 and diffs["accum", FILES[1]] <= 1e-5  # the same per-sample math
+    assert diffs["batch", FILES[1]] <= 1e-5  # the token rows
+    # The LoRA against one batch of 2: a batched forward rounds differently from two of 1, and AdamW divides each
+    # gradient by its own running size, so an element whose gradient is ~0 (two samples cancelling) can move by up to
+    # lr x its sign noise. Bound: almost every element within 1e-5, and none by more than that Adam bound.
+    a, b = load_file(ddp / FILES[0]), load_file(single["batch"] / FILES[0])
+    d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    print(f"LoRA vs batch 2: max {d.max():.3g}, mean {d.mean():.3g}, {(d > 1e-5).sum()} of {d.numel()} > 1e-5")
+    assert (d > 1e-5).float().mean() < 1e-4 and d.max() <= 2 * 5e-5 * STEPS
+    # and the two differ from a run that really differs (one process, batch 1): the checks above can fail
+    assert max_diff(ddp / FILES[0], single["accum"] / "checkpoint-2" / FILES[0]) > 1e-4
+
+
+def test_rank_0_alone_writes(ddp):
+    names = sorted(str(f.relative_to(ddp)) for f in ddp.rglob("*") if f.is_file())
+    assert not [n for n in names if ".tmp" in n]
+    assert {"train_config.json", "log.jsonl", "lora_kohya.safetensors", *FILES} <= set(names)
+    assert len([n for n in names if n.startswith("checkpoint-")]) == STEPS // 2 * 4  # 4 files per checkpoint
+    config = json.loads((ddp / "train_config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch_size"] == 2 and config["grad_accum"] == 1
+
+
+def test_a_killed_rank_ends_the_job_and_resume_is_bit_identical(ddp, tiny_sdxl, data):
+    """SIGKILL rank 1 after the first checkpoint: the whole job ends non-zero, rank 0 says why in one line, and
+    `torchrun ... --resume` then ends with the bits of the uninterrupted run. torchrun checks its workers every 0.1 s
+    by default and then stops the others with SIGTERM, often before rank 0's collective fails (1-2 s from kill to
+    exit here, the cause named by torchrun's report); checking every 3 s here lets rank 0 see the failed all_reduce
+    first, as a rank on another machine would."""
+    root, images = data
+    out, log = root / "killed", root / "killed.txt"
+    args = argv(images, tiny_sdxl[0], out, "--steps", str(STEPS), "--checkpoint-every", "2")
+    with open(log, "w") as err:
+        p = torchrun(*args, cwd=root, stderr=err, launcher=["--monitor-interval", "3"])
+        try:
+            deadline = time.monotonic() + 300
+            while not (out / "checkpoint-2").is_dir():
+                assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.005)
+            os.kill(workers(p.pid)[1], signal.SIGKILL)
+            killed = time.monotonic()
+            returncode = p.wait(timeout=120)
+            seconds = time.monotonic() - killed
+        finally:
+            p.kill()
+            p.wait()
+    text = log.read_text()
+    print(f"killed rank 1 after {len(read_log(out))} steps: torchrun exited {returncode} {seconds:.1f} s later")
+    assert returncode != 0 and seconds < 120
+    assert not (out / FILES[0]).exists() and len(read_log(out)) < STEPS  # it died mid-run
+    errors = [line for line in text.splitlines() if line.startswith("error: rank 0")]
+    print("rank 0 said:", errors)
+    assert len(errors) == 1 and "another process stopped" in errors[0] and "--resume" in errors[0]
+    assert "rank      : 1 (local_rank: 1)\n  exitcode  : -9" in text  # and torchrun's report names rank 1's SIGKILL
+
+    with open(root / "resumed.txt", "w") as err:
+        assert torchrun(*args, "--resume", cwd=root, stderr=err).wait(timeout=300) == 0, \
+            (root / "resumed.txt").read_text()
+    for name in (*FILES, "lora_kohya.safetensors", f"checkpoint-{STEPS}/optimizer.safetensors"):
+        a, b = load_file(ddp / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert [(r["step"], r["loss"]) for r in read_log(out)] == [(r["step"], r["loss"]) for r in read_log(ddp)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One process: the resume rule, the learning-rate schedules
+
+def test_resume_keeps_the_global_batch_and_may_split_it_differently(ddp, tiny_sdxl, data, tmp_path):
+    """The torchrun run's checkpoint resumed by one process: --batch-size 1 (global batch 1, not 2) is refused in one
+    line; --batch-size 2 (the same global batch) continues the same run, up to float reduction order."""
+    root, images = data
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("train_config.json", "log.jsonl"):
+        (out / f).write_bytes((ddp / f).read_bytes())
+    (out / "checkpoint-10").mkdir()
+    for f in (ddp / "checkpoint-10").iterdir():
+        (out / "checkpoint-10" / f.name).write_bytes(f.read_bytes())
+    args = argv(images, tiny_sdxl[0], out, "--steps", str(STEPS), "--checkpoint-every", "2", "--resume")
+    with pytest.raises(SystemExit) as e:
+        train.main(args)
+    msg = str(e.value.code)
+    assert msg.startswith("error: --resume: the global batch") and "\n" not in msg and "--grad-accum" in msg
+    run(*args, "--batch-size", "2")
+    assert max_diff(ddp / FILES[1], out / FILES[1]) <= 1e-5
+    assert [r["t"] for r in read_log(out)] == [r["t"] for r in read_log(ddp)]
+
+
+def test_grad_accum_with_db_prior(tiny_sdxl, data, tmp_path):
+    """db-prior's micro-batches are [instance; class] slices of the global batch too: --grad-accum 2 draws the same
+    timesteps as --batch-size 2 and trains the same LoRA (one process; under torchrun the slices are the same code)."""
+    root, images = data
+    for out, extra in (("accum", ["--grad-accum", "2"]), ("batch", ["--batch-size", "2"])):
+        run(*argv(images, tiny_sdxl[0], tmp_path / out, "--loss", "db-prior", "--num-class-images", "2", "--steps", "3",
+                  "--sample-steps", "2", "--checkpoint-every", "0", "--class-dir", str(tmp_path / "class"), *extra))
+    a, b = read_log(tmp_path / "accum"), read_log(tmp_path / "batch")
+    assert [r["t"] for r in a] == [r["t"] for r in b] and len(a[0]["t"]) == 2
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-5)
+    diff = max_diff(tmp_path / "accum" / FILES[0], tmp_path / "batch" / FILES[0])
+    print(f"db-prior, grad-accum 2 vs batch 2: LoRA max abs diff {diff:.3g}")
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
+def test_lr_schedules(schedule):
+    args = Namespace(lr_warmup=4, lr_schedule=schedule, steps=14)
+    f = [train.lr_factor(s, args) for s in range(14)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # warm-up: the first step already trains
+    want = {"constant": [1.0] * 10, "linear": [1 - i / 10 for i in range(10)],
+            "cosine": [0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)]}[schedule]
+    assert f[4:] == pytest.approx(want)
+    assert train.lr_factor(5, Namespace(lr_warmup=0, lr_schedule="constant", steps=9)) == 1.0
+
+
+def test_the_schedule_is_what_trains_and_is_logged(tiny_sdxl, data, tmp_path):
+    root, images = data
+    run(*argv(images, tiny_sdxl[0], tmp_path / "out", "--steps", "3", "--checkpoint-every", "0",
+              "--lr-warmup", "2", "--lr-schedule", "linear", "--loss", "db"))
+    assert [r["lr"] for r in read_log(tmp_path / "out")] == pytest.approx([2.5e-5, 5e-5, 5e-5])
+
+
+@pytest.mark.parametrize("flag, value", [("--grad-accum", "0"), ("--lr-warmup", "-1")])
+def test_bad_flags_are_one_line(flag, value, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--images", str(tmp_path), flag, value])
+    msg = str(e.value.code)
+    assert msg.startswith("error: ") and flag in msg and "\n" not in msg
