@@ -189,7 +189,7 @@ def save_lora(folder, unet, embeds, meta):
         save_tensors(os.path.join(folder, EMBEDS_FILE), {"clip_l": embeds[0].rows, "clip_g": embeds[1].rows}, meta)
 
 
-def save_final(out, unet, embeds, meta):
+def save_final(out, unet, embeds, meta, bundle=False):
     """The run's deliverables: the LoRA in both formats and the token rows, as one set.
 
     They stay directly in out/ (where diffusers' load_lora_weights(out) and sample.py look), so the set cannot be
@@ -202,7 +202,10 @@ def save_final(out, unet, embeds, meta):
     with atomic(staging) as tmp:
         os.makedirs(tmp)
         save_lora(tmp, unet, embeds, meta)
-        save_lora_kohya(tmp, {"unet": unet}, unet.config, meta)
+        tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()] if bundle and embeds else []
+        bundled = {t: {"clip_l": embeds[0].rows[i:i + 1], "clip_g": embeds[1].rows[i:i + 1]}
+                   for i, t in enumerate(tokens)}
+        save_lora_kohya(tmp, {"unet": unet}, unet.config, meta, embeddings=bundled)
     marker = os.path.join(out, FINAL_INCOMPLETE)
     open(marker, "w").close()
     for name in sorted(os.listdir(staging)):

@@ -206,9 +206,11 @@ def read_learned_tokens(path, names=None):
     word is "" where unknown. The official DCO code writes the same rows with no metadata: then `names`, a list of
     (token, init word) from --token or the official config.json, says which tokens the rows are, in order."""
     with open_safetensors(path) as f:
-        meta, rows = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        meta, rows = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys() if "lora" not in k and "alpha" not in k}
     tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()]
     words = [w.strip() for w in meta.get("init_word", "").split(",")]
+    if any(k.startswith(BUNDLE) for k in rows):  # a kohya LoRA that carries its tokens (train.py --bundle-token)
+        rows, tokens, words = bundled_rows(rows, tokens, words)
     if not tokens and names:  # the first n names, n = the number of rows
         n = rows["clip_l"].shape[0] if "clip_l" in rows and rows["clip_l"].dim() == 2 else 0
         if n > len(names):
@@ -223,6 +225,19 @@ def read_learned_tokens(path, names=None):
             raise ValueError(f"{path}: expected a '{key}' tensor with one row per token of the 'token' metadata "
                              f"{tokens}, got {tuple(rows[key].shape) if key in rows else 'none'}")
     return rows, tokens, (words if len(words) == len(tokens) else [""] * len(tokens))
+
+
+BUNDLE = "bundle_emb."  # A1111's keys for embeddings bundled in a LoRA: bundle_emb.<token>.clip_l / .clip_g
+
+
+def bundled_rows(tensors, tokens, words):
+    """{bundle_emb.<token>.clip_l: [1, 768], ...} -> ({"clip_l": [n, 768], "clip_g": [n, 1280]}, tokens, init
+    words), the tokens in the order of the 'token' metadata (else sorted), their init words from 'init_word'."""
+    names = sorted({k[len(BUNDLE):].rsplit(".", 1)[0] for k in tensors if k.startswith(BUNDLE)})
+    order = [t for t in tokens if t in names] + [t for t in names if t not in tokens]
+    init = dict(zip(tokens, words)) if len(words) == len(tokens) else {}
+    rows = {key: torch.cat([tensors[f"{BUNDLE}{t}.{key}"] for t in order]) for key in ("clip_l", "clip_g")}
+    return rows, order, [init.get(t, "") for t in order]
 
 
 def parse_token(text):

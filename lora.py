@@ -26,7 +26,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from files import KOHYA_FILE, PEFT_FILE, open_safetensors, save_tensors  # noqa: F401 (file names: part of the API)
+from files import BUNDLE, KOHYA_FILE, PEFT_FILE, open_safetensors, save_tensors  # noqa: F401 (file names: part of the API)
 from single_file import sgm_unet_name
 
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' SDXL LoRA default: 560 modules
@@ -282,10 +282,14 @@ def kohya_name(component, module, unet_config=None, sgm=True):
     return KOHYA_PREFIX[component] + module.replace(".", "_")
 
 
-def save_lora_kohya(path, components: dict, unet_config=None, metadata=None):
+def save_lora_kohya(path, components: dict, unet_config=None, metadata=None, embeddings=None):
     """kohya/A1111/ComfyUI layout: '<kohya name>.lora_down.weight', '.lora_up.weight', '.alpha' (0-d);
-    components as in save_lora_peft; the UNet's SGM names need its config (folder -> lora_kohya.safetensors)."""
+    components as in save_lora_peft; the UNet's SGM names need its config (folder -> lora_kohya.safetensors).
+    embeddings: {token: {"clip_l": [1, 768], "clip_g": [1, 1280]}} bundled as A1111 reads them,
+    'bundle_emb.<token>.clip_l' / '.clip_g': one file carries the LoRA and its learned tokens."""
     metadata, tensors = _check_metadata(metadata), {}
+    for token, rows in (embeddings or {}).items():
+        tensors.update({f"{BUNDLE}{token}.{key}": rows[key] for key in ("clip_l", "clip_g")})
     for comp, layers in components.items():
         layers = lora_layers(layers) if isinstance(layers, nn.Module) else layers
         for name, (down, up, alpha) in layers.items():
@@ -363,7 +367,7 @@ def load_lora_file(path, modules: dict | None = None, unet_config=None):
             _peft_alpha(config, comp, module, down.shape[0])
         state.setdefault(comp, {})[module] = (down, up, alpha or float(down.shape[0]))  # kohya: alpha 0 = rank
         used |= {key, stem + pair[1], stem + ".alpha"}
-    left = sorted(set(tensors) - used)
+    left = sorted(k for k in set(tensors) - used if not k.startswith(BUNDLE))  # bundled tokens: sample.py reads them
     if left or not state:
         raise ValueError(f"{path}: unsupported LoRA key '{left[0] if left else 'none found'}' "
                          "(plain Linear LoRA in PEFT, diffusers or kohya layout is supported)")

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import errors
 from dco import alphas_cumprod
-from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, check_writable, find_lora_files,
+from files import (BUNDLE, COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, check_writable, find_lora_files,
                    official_tokens, open_safetensors, parse_token, read_learned_tokens, save_image)
 from lora import apply_lora, load_lora_file, lora_modules, lora_scale
 from text_encoder import resize_token_embeddings
@@ -372,9 +372,16 @@ def load_lora(sd, path, weight=1.0, names=None) -> dict:
         for state in states:
             for comp, layers in state.items():
                 apply_lora(getattr(sd, comp), layers, weight)
+        if embeds is None and lora is not None and has_bundled_tokens(lora):  # one-file sharing: the kohya file
+            embeds = lora
         return add_learned_tokens(sd, embeds, names) if embeds else {}
     except ValueError as e:
         raise ValueError(f"--lora {path}: {e}") from None
+
+
+def has_bundled_tokens(path):
+    with open_safetensors(path) as f:
+        return any(k.startswith(BUNDLE) for k in f.keys())
 
 
 def lora_pooling(path):

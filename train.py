@@ -106,6 +106,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("checkpoints and samples")
     g.add_argument("--checkpoint-every", type=int, default=500, help="0: no checkpoints")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    g.add_argument("--bundle-token", action="store_true", help="also write the learned tokens into "
+                   "lora_kohya.safetensors (A1111's bundle_emb keys): one file for A1111/Forge and sample.py")
     g.add_argument("--sample-prompt", action="append", help="prompt of the sample images (repeatable)")
     g.add_argument("--sample-steps", type=int, default=25, help="sampler steps of the sample images; 0: no samples")
     g = p.add_argument_group("db-prior (DreamBooth with prior preservation)")
@@ -706,7 +708,7 @@ def train(args, loss_fn=None):
 
     # --- the LoRA in both formats, the new token rows
     if master:
-        checkpoint.save_final(out, sd.unet, embeds, meta)
+        checkpoint.save_final(out, sd.unet, embeds, meta, bundle=args.bundle_token)
         lock.release()
         print_resources(times, device)
     return {"sd": sd, "out": out, "embeds": embeds}

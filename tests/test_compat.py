@@ -182,3 +182,23 @@ def test_vae_flag_and_full_precision_weights(tiny_sdxl, tmp_path):
     sd = load_sdxl(str(folder), dtype=torch.bfloat16, vae=str(vae))
     assert next(sd.vae.parameters()).dtype == torch.bfloat16  # force_upcast false: the training dtype
     assert torch.equal(sd.vae.state_dict()["decoder.conv_out.weight"], weights["decoder.conv_out.weight"].bfloat16())
+
+
+def test_bundle_token_one_file_sharing(tiny_sdxl, tmp_path):
+    """--bundle-token: lora_kohya.safetensors also carries the learned token under A1111's keys
+    (bundle_emb.<token>.clip_l / .clip_g), so that file alone samples the concept -- the same image as the folder."""
+    images = make_images(tmp_path / "dog")
+    run(*argv(images, tiny_sdxl[0], tmp_path / "out"), "--steps", "2", "--checkpoint-every", "0", "--bundle-token")
+    kohya, rows = load_file(str(tmp_path / "out" / "lora_kohya.safetensors")), load_file(
+        str(tmp_path / "out" / "learned_embeds.safetensors"))
+    assert torch.equal(kohya["bundle_emb.<dog>.clip_l"], rows["clip_l"])
+    assert torch.equal(kohya["bundle_emb.<dog>.clip_g"], rows["clip_g"])
+    alone = tmp_path / "shared" / "dog.safetensors"  # the one file, copied away from its folder
+    alone.parent.mkdir()
+    shutil.copy(tmp_path / "out" / "lora_kohya.safetensors", alone)
+    prompt = "a <dog> on the grass"
+    for name, lora in (("folder", tmp_path / "out"), ("file", alone)):
+        p = _sample(tiny_sdxl, tmp_path / f"{name}.png", "--lora", str(lora), "--wcon", "2", "--prompt", prompt)
+        assert p.returncode == 0, p.stderr
+    assert Image.open(tmp_path / "file.png").text["base_prompt"] == "a dog on the grass"  # the init word came along
+    assert np.array_equal(_pixels(tmp_path / "file.png"), _pixels(tmp_path / "folder.png"))
