@@ -56,6 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--output", help="output folder (default: output/<images folder or config name>)")
     p.add_argument("--loss", default="dco", choices=["dco", "db", "db-prior"])
     p.add_argument("--beta", type=float, default=1000.0, help="DCO's beta (1000-2000 work in the paper)")
+    p.add_argument("--relative-reward", action="store_true", help="DCO with the reward relative to phi's error, "
+                   "(l_phi - l_theta) / l_phi (dco.relative_reward; not the paper's; beta ~ 3-10, not 1000)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, LoRA scale 1)")
@@ -315,7 +317,7 @@ def class_images(sd, args, out, prompt):
 # ----------------------------------------------------------------------------------------------------------
 
 def train_step(unet, opt, scaler, xt, eps, t, time_ids, cond, base_cond=None, loss="dco", beta=1000.0,
-               prior_weight=1.0, grad_clip=1.0, amp=nullcontext):
+               prior_weight=1.0, grad_clip=1.0, amp=nullcontext, relative=False):
     """One optimisation step -> (loss, implicit reward per sample or None). bench.py times exactly this.
 
     xt, eps, t, time_ids: noisy latents, the noise in them, their timesteps and micro-conditioning; cond =
@@ -332,7 +334,7 @@ def train_step(unet, opt, scaler, xt, eps, t, time_ids, cond, base_cond=None, lo
         eps_theta = unet(xt, t, *cond, time_ids)
     reward = None
     if loss == "dco":
-        value, reward = dco_loss(eps_theta, eps_phi, eps, beta)
+        value, reward = dco_loss(eps_theta, eps_phi, eps, beta, relative=relative)
     elif loss == "db":
         value = diffusion_loss(eps_theta, eps)
     else:
@@ -487,7 +489,7 @@ def train(args):
 
         loss, reward = train_step(unet, opt, scaler, xt, eps, t, time_ids[idx], (ctx, pooled),
                                   (base_ctx[inst], base_pooled[inst]), args.loss, args.beta, args.prior_weight,
-                                  args.grad_clip, amp)
+                                  args.grad_clip, amp, args.relative_reward)
         for e in embeds:
             e.rescale()
 
