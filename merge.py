@@ -41,6 +41,7 @@ from lora import KOHYA_FILE, PEFT_FILE, _save_atomic, concat_loras, load_lora_fi
 from sdxl import SDXL_BASE, load_sdxl, model_path, read_json
 from text_encoder import CLIPTextModel, normalize
 from unet_loader import UNet
+from ziplora import zip_sources
 
 EMBEDS_FILE, MERGE_FILE = "learned_embeds.safetensors", "merge_config.json"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
@@ -263,9 +264,11 @@ def save_merged(out, layers, embeds, metadata, unet_config):
     return out
 
 
-def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="fp16"):
+def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="fp16", method="sum", ziplora=None):
     """Merge the LoRAs at `paths` (trainer folders or files) with `weights` into `output` (a LoRA folder) and/or
-    `into_base` (a full UNet .safetensors, needs `model`). Everything is checked before anything is written."""
+    `into_base` (a full UNet .safetensors, needs `model`). Everything is checked before anything is written.
+    method "ziplora": first fit ZipLoRA's column mergers (ziplora.py; needs `model`; `ziplora`: its keyword
+    arguments, e.g. steps, lr, lam, device), then sum the column-scaled LoRAs exactly as "sum" does."""
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     if len(paths) < 2:
         raise ValueError(f"merge needs at least two LoRAs, got {len(paths)}")
@@ -273,6 +276,12 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="f
         raise ValueError(f"--weights: {len(weights)} weight(s) for {len(paths)} LoRAs; give one per LoRA")
     if not (output or into_base):
         raise ValueError("nothing to write: pass --output DIR (the merged LoRA) and/or --into-base FILE")
+    if method not in ("sum", "ziplora"):
+        raise ValueError(f"--method {method}: choose sum or ziplora")
+    if method == "ziplora" and not model:
+        raise ValueError("--method ziplora needs --model: it runs the base model with both LoRAs to fit the merge")
+    if method == "ziplora" and len(paths) != 2:
+        raise ValueError(f"--method ziplora merges exactly two LoRAs (a subject and a style), got {len(paths)}")
     if into_base and not model:
         raise ValueError("--into-base needs --model: the base model whose UNet the merged LoRA is baked into")
     if into_base and not into_base.endswith(".safetensors"):
@@ -288,9 +297,12 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="f
         raise FileNotFoundError(f"{e} (the base model named in the LoRAs' metadata): pass --model") from None
     sources = [read_source(p, skeleton) for p in paths]
     check_shapes(sources, skeleton, base)
-    layers = merge_loras(sources, weights)
     embeds, tokens, init_words = merge_embeddings(sources)
     metadata = merge_metadata(sources, weights, base, tokens, init_words)
+    if method == "ziplora":
+        sources, info = zip_sources(sources, weights, model, **(ziplora or {}))
+        metadata.update(merge_method="ziplora", ziplora=json.dumps(info))
+    layers = merge_loras(sources, weights)
     baked = None
     if into_base:
         if set(layers) - {"unet"}:
@@ -403,6 +415,13 @@ def main(argv=None):
                                                        "names, like unet/diffusion_pytorch_model.safetensors)")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES), help="--into-base weights (default fp16, "
                                                                          "SDXL's own; fp32 keeps every bit of dW)")
+    p.add_argument("--method", default="sum", choices=["sum", "ziplora"], help="sum: the exact sum (DCO's way, "
+                   "default); ziplora: fit ZipLoRA's per-column mergers first (Shah et al. 2023; two LoRAs, needs "
+                   "--model and the trainer folders' training images; see ziplora.py)")
+    p.add_argument("--ziplora-steps", type=int, default=100, help="ZipLoRA optimisation steps (paper: 100)")
+    p.add_argument("--ziplora-lr", type=float, default=1e-2, help="ZipLoRA's Adam learning rate")
+    p.add_argument("--ziplora-lambda", type=float, default=0.01, help="weight of the |cos(m_a, m_b)| penalty")
+    p.add_argument("--device", help="--method ziplora: default cuda if available, else cpu")
     p.add_argument("--analyze", action="store_true", help="print the interference table of two LoRAs (no merge)")
     p.add_argument("--csv", help="--analyze: CSV path (default: interference_<A>_<B>.csv beside A)")
     args = p.parse_args(argv)
@@ -412,7 +431,11 @@ def main(argv=None):
                 raise ValueError("--analyze compares exactly two LoRAs and writes only --csv")
             analyze(*args.loras, csv_path=args.csv, model=args.model)
         else:
-            layers, embeds, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.dtype)
+            if args.ziplora_steps < 0 or args.ziplora_lr <= 0 or args.ziplora_lambda < 0:
+                raise ValueError("--ziplora-steps and --ziplora-lambda must be >= 0, --ziplora-lr > 0")
+            zl = dict(steps=args.ziplora_steps, lr=args.ziplora_lr, lam=args.ziplora_lambda, device=args.device)
+            layers, embeds, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.dtype,
+                                         args.method, zl)
             ranks = [d.shape[0] for c in layers.values() for d, _, _ in c.values()]
             rank = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
             print(f"merged {len(args.loras)} LoRAs ({len(ranks)} layers, rank {rank}, tokens "
