@@ -3,6 +3,7 @@
     python merge.py output/dog output/style --weights 1 1 --output output/dog_in_style
     python sample.py --lora output/dog_in_style --prompt "a <dog> in <style> style"
     python merge.py --analyze output/dog output/style          # how much do the two LoRAs overlap?
+    python merge.py output/dog output/style --method ziplora --model tiny --output output/dog_in_style_zip  # baseline
 
 DCO (Lee, Kwak, Sohn, Shin, NeurIPS 2024, arXiv 2402.12004) trains a subject and a style separately and composes
 them by simply adding the two updates, W + w1 dW_dog + w2 dW_style, where plain DreamBooth LoRAs need a merging
@@ -10,7 +11,9 @@ optimisation afterwards (ZipLoRA, Shah et al. 2023). The sum is EXACT in LoRA fo
     [w1 s1 B1 | w2 s2 B2] @ [A1 ; A2] = w1 s1 B1 A1 + w2 s2 B2 A2      (s_i = alpha_i / r_i, see lora.concat_loras)
 so the merged LoRA has rank r1 + r2 and no SVD truncation. The output folder looks like a trainer's: diffusers/PEFT
 and kohya files, learned_embeds.safetensors with every concept's token rows, and merge_config.json. `--into-base`
-bakes the sum into a full UNet file instead (or as well).
+bakes the sum into a full UNet file instead (or as well). `--method ziplora` is that post-optimisation, as the
+baseline of the paper's merge table (ziplora.py): it fits ZipLoRA's per-column merger coefficients first, and writes
+the same kind of LoRA (column-scaled down-projections, ranks stacked).
 
 Why adding works (`--analyze`): per layer we compare the two updates dW_a, dW_b column by column, as ZipLoRA does
 (Shah et al. 2023, "highly aligned LoRA weights merge poorly"): the mean over input features j of

@@ -139,3 +139,12 @@ def json_of(path):
 
     with open(path) as f:
         return json.load(f)
+
+
+def test_append_to_an_older_csv_adds_the_new_columns(tmp_path):
+    """A CSV written before a column existed (the old merge CSV had no merge_s) is rewritten with the new header:
+    old rows keep their values (new columns empty), new rows are read back under the right names."""
+    path = str(tmp_path / "m.csv")
+    experiments.append(path, ["a", "b"], [{"a": 1, "b": 2}])
+    experiments.append(path, ["a", "b", "c"], [{"a": 3, "b": 4, "c": 5}])
+    assert rows(path) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "4", "c": "5"}]
