@@ -113,7 +113,9 @@ def mergers(zipped: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def cosine_penalty(pairs) -> torch.Tensor:
     """mean over layers of |cos(m_a, m_b)|: 1 at the start (both all ones), 0 once the two LoRAs use disjoint
-    columns (paper Eq. 5's third term; averaged, not summed, so that lambda is independent of the layer count)."""
+    columns (paper Eq. 5's third term; averaged, not summed, so that lambda is independent of the layer count).
+    At the start it is at its maximum, so its gradient is 0 there: the reconstruction terms break the symmetry first,
+    then it pushes the two vectors apart."""
     return torch.stack([F.cosine_similarity(a, b, dim=0).abs() for a, b in pairs]).mean()
 
 
