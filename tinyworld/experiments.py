@@ -426,9 +426,8 @@ def sample_figure(args, out_png):
     for subject, style in PAIRS:
         stems += [(f"merge_{subject}_{style}_{m}", [0.0] + args.show_wcons) for m, _, _ in merge_methods(args)]
     rows, labels = [], []
-    paths = [os.path.join(args.work, f"samples_{stem}_w{w:g}.npy") for stem, wcons in stems for w in wcons]
-    if not all(os.path.exists(p) for p in paths if "_base_" in p or "_db_" in p):
-        return False  # a partial run (--append) kept only its new rows' samples: keep the full run's figure
+    if not all(os.path.exists(os.path.join(args.work, f"samples_{c}_base_w0.npy")) for c in args.concepts):
+        return False  # an --append run kept only its new rows' samples (no base rows): keep the full run's figure
     for stem, wcons in stems:
         for w in wcons:
             path = os.path.join(args.work, f"samples_{stem}_w{w:g}.npy")
