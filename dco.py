@@ -134,6 +134,12 @@ def dco_loss(eps_theta, eps_phi, eps, beta=1000.0, weights=None, reduction="samp
     return loss, reward(l_theta, l_phi).detach()
 
 
+def relative_dco_loss(eps_theta, eps_phi, eps, beta=3.0, weights=None, reduction="sample"):
+    """dco_loss with the relative reward (relative=True), under its own name: what `train.py --relative-reward`
+    calls, so that a replaced `train.dco_loss` (the tutorial's "modify the loss here" cell) keeps its signature."""
+    return dco_loss(eps_theta, eps_phi, eps, beta, weights, reduction, relative=True)
+
+
 def relative_reward(l_theta, l_phi):
     """r / l_phi = (l_phi - l_theta) / l_phi: theta's improvement over phi as a fraction of phi's own error.
 

@@ -33,8 +33,8 @@ from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from dco import (add_noise, alphas_cumprod, dco_loss, diffusion_loss, prior_preservation_loss, sample_noise,
-                 sample_timesteps)
+from dco import (add_noise, alphas_cumprod, dco_loss, diffusion_loss, prior_preservation_loss, relative_dco_loss,
+                 sample_noise, sample_timesteps)
 from lora import (UNET_ATTN, inject_lora, load_lora_file, lora_modules, lora_parameters, lora_scale,
                   save_lora_kohya, save_lora_peft)
 from sample import generate
@@ -334,7 +334,7 @@ def train_step(unet, opt, scaler, xt, eps, t, time_ids, cond, base_cond=None, lo
         eps_theta = unet(xt, t, *cond, time_ids)
     reward = None
     if loss == "dco":
-        value, reward = dco_loss(eps_theta, eps_phi, eps, beta, relative=relative)
+        value, reward = (relative_dco_loss if relative else dco_loss)(eps_theta, eps_phi, eps, beta)
     elif loss == "db":
         value = diffusion_loss(eps_theta, eps)
     else:

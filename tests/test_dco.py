@@ -194,3 +194,10 @@ def test_absolute_reward_unchanged_by_the_relative_option():
         d = (l_t - l_p) if reduction == "sample" else (l_t.mean() - l_p.mean())
         loss, _ = dco.dco_loss(eps_theta, eps_phi, eps, 30.0, reduction=reduction, relative=False)
         assert torch.equal(loss, -torch.nn.functional.logsigmoid(-30.0 * d).mean())
+
+
+def test_relative_dco_loss_is_the_option_under_its_own_name():
+    eps_theta, eps_phi, eps = _preds(seed=7)
+    a, ra = dco.relative_dco_loss(eps_theta, eps_phi, eps, 3.0)
+    b, rb = dco.dco_loss(eps_theta, eps_phi, eps, 3.0, relative=True)
+    assert torch.equal(a, b) and torch.equal(ra, rb)
