@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--loss", default="dco", choices=["dco", "db", "db-prior"])
     p.add_argument("--beta", type=float, default=1000.0, help="DCO's beta (1000-2000 work in the paper)")
     p.add_argument("--relative-reward", action="store_true", help="DCO with the reward relative to phi's error, "
-                   "(l_phi - l_theta) / l_phi (dco.relative_reward; not the paper's; beta ~ 3-10, not 1000)")
+                   "(l_phi - l_theta) / l_phi (dco.relative_reward; not the paper's; beta ~ 1-3, not 1000)")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, LoRA scale 1)")

@@ -6,13 +6,15 @@ merge.py on the tiny SDXL (tinyworld/model) and the exact pixel metrics of tinyw
 
 1. Customisation (paper Fig. 4/5). For every concept (subjects <checker>, <striped>; styles <pastel>, <outline>)
    and every seed, train a LoRA (+ the concept's token) on its 5 reference images with comprehensive captions
-   using DreamBooth (`--loss db`), DreamBooth + prior preservation (`db-prior`) and DCO (`dco`, a beta sweep).
+   using DreamBooth (`--loss db`), DreamBooth + prior preservation (`db-prior`), DCO (`dco`, a beta sweep) and
+   the follow-up, DCO with the reward relative to phi's error (`dco-rel`, train.py --relative-reward, a beta sweep).
    Sample each on new prompts (random contexts: other backgrounds, positions, sizes; for styles other colours and
    shapes) over a consistency-guidance sweep (w_con; 0 = plain CFG sampling with the LoRA) and score every image:
    concept fidelity (subject_fidelity / style_fidelity ~ the paper's DINO score) against prompt fidelity (the share
    of the prompt's attributes the image shows ~ its SigLIP score). The Pareto plot puts one against the other.
-2. Merging (paper Fig. 7). Add a subject LoRA and a style LoRA, trained separately (merge.merge, exact sum), for DB
-   and for DCO, and sample "a <subject> ... , <style> style": subject, style and prompt fidelity of the composition.
+2. Merging (paper Fig. 7 and its table). Add a subject LoRA and a style LoRA, trained separately (merge.merge, exact
+   sum), for DB, DCO and dco-rel, and merge the DB pair by ZipLoRA too (merge.merge method="ziplora", timed next to
+   training its LoRAs); sample "a <subject> ... , <style> style": subject, style and prompt fidelity.
 3. Interference (merge.interference, [3/5]): mean |cos| between the two LoRAs' weight updates, layer by layer,
    and the size of each update ||dW||_F, for the DB pair and the DCO pair.
 
@@ -21,8 +23,10 @@ merge.py on the tiny SDXL (tinyworld/model) and the exact pixel metrics of tinyw
 
 Every run appends its rows to the CSVs as soon as it finishes (a killed run leaves usable partial results); at the
 end the plots and the tables (docs/tinyworld_results.md) are made from the CSVs. `--report` remakes them from
-existing CSVs without training. One run (train 300 steps + sample 24 prompts x 3 w_con + score) takes ~30 s on one
-CPU core: the defaults (4 concepts x 3 seeds x 6 methods + merges) ~45 min on one core, ~23 min with --jobs 2.
+existing CSVs without training; `--append` adds to them and skips every run and merge they already hold (a restart,
+or a subset such as `--methods dco-rel --rel-betas 0.3`). One run (train 300 steps + sample 24 prompts x 3 w_con +
+score) takes ~30 s on one idle CPU core: the defaults (4 concepts x 3 seeds x 8 methods + 30 merges) ~60 min on one
+core, ~30 min with --jobs 2 (estimated from the parts' timings).
 """
 import argparse
 import contextlib
