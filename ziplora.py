@@ -10,7 +10,7 @@ merger coefficient per *column* of each update,
     dW_m = dW_a diag(m_a) + dW_b diag(m_b),        m_a, m_b in R^in, both starting at 1 (= the plain sum),
 
 and fits them so that the merged model reproduces each LoRA on its own concept, with the two LoRAs pushed onto
-different columns (paper Eq. 5):
+different columns (the paper's merger loss, Sec. 4):
 
     L = || eps_m(x_a, p_a) - eps_a(x_a, p_a) ||^2 + || eps_m(x_b, p_b) - eps_b(x_b, p_b) ||^2 + lambda sum_i |cos(m_a^i, m_b^i)|
 
@@ -22,15 +22,15 @@ feature j writes to every output; the paper's analysis compares LoRAs column by 
 implementation (mkshing/ziplora-pytorch) keeps one coefficient per *input* feature, broadcast over dW's last axis.
 We do the same: dW diag(m) x = B A (m * x), so the merger scales the columns of the down-projection A, and the
 merged update is still a plain rank-(r_a + r_b) LoRA: [s_a B_a | s_b B_b] @ [A_a diag(m_a) ; A_b diag(m_b)]
-(see to_layers). No new file format: merge.py writes it as it writes the exact sum.
+(see scale_columns). No new file format: merge.py writes it as it writes the exact sum.
 
 Choices where the paper leaves details open (documented facts from the public implementation, no code taken):
-- the loss is on the whole UNet's noise prediction (the paper's (D + L)(x, p)), not layer by layer;
+- the loss is on the whole UNet's noise prediction (the paper compares the models' outputs), not layer by layer;
 - the penalty is |cos| per layer, as the paper names it, averaged over layers (mkshing: mean |m_a * m_b|, a
   scale-dependent dot product; the cosine cannot be lowered by shrinking both vectors, which the fit already
   resists), so lambda does not depend on how many layers the model has; lambda = 0.01 as mkshing's default;
-- 100 steps (the paper's "100 gradient updates") of Adam at lr 1e-2: Adam moves a coefficient by about lr per
-  step, so mkshing's lr 1e-4 could move it by at most 0.01 in 100 steps, i.e. leave the plain sum; 1e-2 lets a
+- 100 steps, as mkshing's example run, but Adam at lr 1e-2, not its 5e-5 (default 1e-4): Adam moves a coefficient
+  by about lr per step, so 5e-5 could move it by at most 0.005 in 100 steps, i.e. leave the plain sum; 1e-2 lets a
   column go from 1 to 0 within the run;
 - one image per concept per step (train.py's batch 1); only layers both LoRAs have get mergers (a layer only one LoRA
   has is kept as it is, nothing can interfere there); UNet LoRA layers only (train.py trains no text-encoder LoRA).
@@ -113,14 +113,14 @@ def mergers(zipped: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def cosine_penalty(pairs) -> torch.Tensor:
     """mean over layers of |cos(m_a, m_b)|: 1 at the start (both all ones), 0 once the two LoRAs use disjoint
-    columns (paper Eq. 5's third term; averaged, not summed, so that lambda is independent of the layer count).
+    columns (the merger loss's third term; averaged, not summed, so that lambda is independent of the layer count).
     At the start it is at its maximum, so its gradient is 0 there: the reconstruction terms break the symmetry first,
     then it pushes the two vectors apart."""
     return torch.stack([F.cosine_similarity(a, b, dim=0).abs() for a, b in pairs]).mean()
 
 
 def ziplora_loss(unet, zipped, batch_a, batch_b, lam=LAMBDA):
-    """Paper Eq. 5 on one batch per concept -> (loss, {"a", "b", "cos"}). A batch is (x_t, t, context, pooled,
+    """ZipLoRA's merger loss on one batch per concept -> (loss, {"a", "b", "cos"}). A batch is (x_t, t, context, pooled,
     time_ids); the targets (each LoRA alone on its own concept) carry no gradient."""
     parts = {}
     for name, batch in (("a", batch_a), ("b", batch_b)):

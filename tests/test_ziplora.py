@@ -112,7 +112,7 @@ def test_zero_steps_writes_the_sum_bit_for_bit(tiny_sdxl, tmp_path, pair):
 
 
 def test_optimisation_lowers_the_loss(tiny_sdxl, pair):
-    """ZipLoRA's loss (paper Eq. 5) on fixed held-out batches (other images draws, noise and t than the fit's) is
+    """ZipLoRA's merger loss on fixed held-out batches (other image draws, noise and t than the fit's) is
     lower after 40 steps than at the start, in both reconstruction terms' sum and in the cosine term."""
     (fa, a), (fb, b) = pair
     sd = load_sdxl(str(tiny_sdxl[0]))
