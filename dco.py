@@ -152,7 +152,7 @@ def prior_preservation_loss(eps_pred, eps, eps_pred_prior, eps_prior, prior_weig
     return diffusion_loss(eps_pred, eps, weights) + prior_weight * diffusion_loss(eps_pred_prior, eps_prior)
 
 
-def dco_loss(eps_theta, eps_phi, eps, beta=1000.0, weights=None, reduction="sample"):
+def dco_loss(eps_theta, eps_phi, eps, beta=1000.0, weights=None, reduction="sample", relative=False):
     """The DCO loss (paper, Sec. 3): -log sigmoid(-beta * (l_theta - l_phi)).
 
     eps_theta: prediction of the fine-tuned model (with grad); eps_phi: the frozen pretrained model's prediction
@@ -169,16 +169,41 @@ def dco_loss(eps_theta, eps_phi, eps, beta=1000.0, weights=None, reduction="samp
     Why it preserves the base model: d L / d l_theta = beta * sigmoid(beta * (l_theta - l_phi)). At the start
     (theta = phi) that is beta/2, a scaled DreamBooth gradient; once theta beats phi by a few 1/beta it decays
     exponentially, so fitting stops short of overwriting what phi knows.
+
+    relative=True (not the paper's; the tiny world's follow-up, see relative_reward) measures the reward in units of
+    phi's own error, r / l_phi = 1 - l_theta / l_phi, and returns that as the implicit reward.
     """
     l_theta = per_sample_mse(eps_theta, eps)
     l_phi = per_sample_mse(eps_phi, eps).detach()
     if weights is not None:
         l_theta, l_phi = l_theta * weights, l_phi * weights
+    reward = relative_reward if relative else (lambda l_theta, l_phi: l_phi - l_theta)
     if reduction == "sample":
-        loss = -F.logsigmoid(-beta * (l_theta - l_phi)).mean()
+        loss = -F.logsigmoid(beta * reward(l_theta, l_phi)).mean()
     elif reduction == "batch":
-        loss = -F.logsigmoid(-beta * (l_theta.mean() - l_phi.mean()))
+        loss = -F.logsigmoid(beta * reward(l_theta.mean(), l_phi.mean()))
     else:
         raise ValueError(f"dco_loss: reduction must be 'sample' or 'batch', got {reduction!r}")
-    return loss, (l_phi - l_theta).detach()
+    return loss, reward(l_theta, l_phi).detach()
+
+
+def relative_dco_loss(eps_theta, eps_phi, eps, beta=3.0, weights=None, reduction="sample"):
+    """dco_loss with the relative reward (relative=True), under its own name: what `train.py --relative-reward`
+    trains with (train.LOSSES["dco-relative"])."""
+    return dco_loss(eps_theta, eps_phi, eps, beta, weights, reduction, relative=True)
+
+
+def relative_reward(l_theta, l_phi):
+    """r / l_phi = (l_phi - l_theta) / l_phi: theta's improvement over phi as a fraction of phi's own error.
+
+    Why (the tiny world's follow-up, docs/tinyworld_experiments.md): DCO's gradient on l_theta is
+    beta sigmoid(-beta r), so one beta asks for the same *absolute* improvement r at every timestep. But an
+    eps-prediction error is much larger at low noise (small t: the noise is hard to tell from the image's detail)
+    than at high noise (x_t is nearly eps itself), so the low-noise steps, where a subject's detail is learned,
+    saturate first (docs/tinyworld_saturation.csv: at beta 30, 5% of the gradient left below t = 250, 95% above
+    t = 750). Dividing by l_phi makes the reward scale-free: d L / d l_theta = (beta / l_phi) sigmoid(-beta r / l_phi),
+    i.e. plain DCO with a per-sample beta_i = beta / l_phi,i, and beta becomes a relative tolerance ("stop once theta is
+    a few 1/beta *fractions* better than phi") that means the same at every timestep and on every model. l_phi is
+    phi's error, detached: the division only rescales theta's gradient. At theta = phi it is 0 (the loss is log 2)."""
+    return (l_phi - l_theta) / l_phi.clamp_min(torch.finfo(l_phi.dtype).tiny)
 

@@ -3,6 +3,7 @@
     python merge.py output/dog output/style --weights 1 1 --output output/dog_in_style
     python sample.py --lora output/dog_in_style --prompt "a <dog> in <style> style"
     python merge.py --analyze output/dog output/style          # how much do the two LoRAs overlap?
+    python merge.py output/dog output/style --method ziplora --model tiny --output output/dog_in_style_zip  # baseline
 
 DCO (Lee, Kwak, Sohn, Shin, NeurIPS 2024, arXiv 2402.12004) trains a subject and a style separately and composes
 them by simply adding the two updates, W + w1 dW_dog + w2 dW_style, where plain DreamBooth LoRAs need a merging
@@ -10,7 +11,9 @@ optimisation afterwards (ZipLoRA, Shah et al. 2023). The sum is EXACT in LoRA fo
     [w1 s1 B1 | w2 s2 B2] @ [A1 ; A2] = w1 s1 B1 A1 + w2 s2 B2 A2      (s_i = alpha_i / r_i, see lora.concat_loras)
 so the merged LoRA has rank r1 + r2 and no SVD truncation. The output folder looks like a trainer's: diffusers/PEFT
 and kohya files, learned_embeds.safetensors with every concept's token rows, and merge_config.json. `--into-base`
-bakes the sum into a full UNet file instead (or as well).
+bakes the sum into a full UNet file instead (or as well). `--method ziplora` is that post-optimisation, as the
+baseline of the paper's merge table (ziplora.py): it fits ZipLoRA's per-column merger coefficients first, and writes
+the same kind of LoRA (column-scaled down-projections, ranks stacked).
 
 Why adding works (`--analyze`): per layer we compare the two updates dW_a, dW_b column by column, as ZipLoRA does
 (Shah et al. 2023, "highly aligned LoRA weights merge poorly"): the mean over input features j of
@@ -41,6 +44,7 @@ from lora import concat_loras, load_lora_file, save_lora_kohya, save_lora_peft
 from sdxl import SDXL_BASE, load_sdxl, model_path, read_json
 from text_encoder import CLIPTextModel, normalize
 from unet_loader import UNet
+from ziplora import zip_sources
 
 MERGE_FILE = "merge_config.json"
 
@@ -232,10 +236,13 @@ def save_merged(out, layers, embeds, metadata, unet_config):
     return out
 
 
-def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="fp16", names=None):
+def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="fp16", names=None, method="sum",
+          ziplora=None):
     """Merge the LoRAs at `paths` (trainer folders or files) with `weights` into `output` (a LoRA folder) and/or
     `into_base` (a full UNet .safetensors, needs `model`). Everything is checked before anything is written.
-    `names`: [(token, init word)] for the official code's nameless token rows, taken in LoRA order."""
+    `names`: [(token, init word)] for the official code's nameless token rows, taken in LoRA order.
+    method "ziplora": first fit ZipLoRA's column mergers (ziplora.py; needs `model`; `ziplora`: its keyword
+    arguments, e.g. steps, lr, lam, device), then sum the column-scaled LoRAs exactly as "sum" does."""
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     if len(paths) < 2:
         raise ValueError(f"merge needs at least two LoRAs, got {len(paths)}")
@@ -243,6 +250,12 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="f
         raise ValueError(f"--weights: {len(weights)} weight(s) for {len(paths)} LoRAs; give one per LoRA")
     if not (output or into_base):
         raise ValueError("nothing to write: pass --output DIR (the merged LoRA) and/or --into-base FILE")
+    if method not in ("sum", "ziplora"):
+        raise ValueError(f"--method {method}: choose sum or ziplora")
+    if method == "ziplora" and not model:
+        raise ValueError("--method ziplora needs --model: it runs the base model with both LoRAs to fit the merge")
+    if method == "ziplora" and len(paths) != 2:
+        raise ValueError(f"--method ziplora merges exactly two LoRAs (a subject and a style), got {len(paths)}")
     if into_base and not model:
         raise ValueError("--into-base needs --model: the base model whose UNet the merged LoRA is baked into")
     if into_base and not into_base.endswith(".safetensors"):
@@ -265,9 +278,12 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="f
         sources.append(read_source(p, skeleton, names))
         names = [n for n in names if n[0] not in sources[-1].tokens]  # the next nameless file takes the next names
     check_shapes(sources, skeleton, base)
-    layers = merge_loras(sources, weights)
     embeds, tokens, init_words = merge_embeddings(sources)
     metadata = merge_metadata(sources, weights, base, tokens, init_words)
+    if method == "ziplora":
+        sources, info = zip_sources(sources, weights, model, **(ziplora or {}))
+        metadata.update(merge_method="ziplora", ziplora=json.dumps(info))
+    layers = merge_loras(sources, weights)
     baked = None
     if into_base:
         if set(layers) - {"unet"}:
@@ -375,6 +391,13 @@ def main(argv=None):
                                                        "names, like unet/diffusion_pytorch_model.safetensors)")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES), help="--into-base weights (default fp16, "
                                                                          "SDXL's own; fp32 keeps every bit of dW)")
+    p.add_argument("--method", default="sum", choices=["sum", "ziplora"], help="sum: the exact sum (DCO's way, "
+                   "default); ziplora: fit ZipLoRA's per-column mergers first (Shah et al. 2023; two LoRAs, needs "
+                   "--model and the trainer folders' training images; see ziplora.py)")
+    p.add_argument("--ziplora-steps", type=int, default=100, help="ZipLoRA optimisation steps (paper: 100)")
+    p.add_argument("--ziplora-lr", type=float, default=1e-2, help="ZipLoRA's Adam learning rate")
+    p.add_argument("--ziplora-lambda", type=float, default=0.01, help="weight of the |cos(m_a, m_b)| penalty")
+    p.add_argument("--device", help="--method ziplora: default cuda if available, else cpu")
     p.add_argument("--token", action="append", type=parse_token, default=[], metavar="TOKEN[=INIT_WORD]",
                    help="names of learned token rows saved without them (the official DCO code), in order; repeatable")
     p.add_argument("--config", help="the official DCO data config.json: its inserting/initializer_tokens name the rows")
@@ -382,8 +405,8 @@ def main(argv=None):
     p.add_argument("--analyze", action="store_true", help="print the interference table of two LoRAs (no merge)")
     p.add_argument("--csv", help="--analyze: CSV path (default: interference_<A>_<B>.csv beside A)")
     args = p.parse_args(argv)
-    errors.cli(lambda: run(args), memory_hint="--into-base loads the base UNet: use a machine with more memory, or "
-                                              "merge without --into-base")
+    errors.cli(lambda: run(args), memory_hint="--into-base loads the base UNet, --method ziplora runs it: use a "
+                                              "machine with more memory, or the plain sum without --into-base")
 
 
 def run(args):
@@ -391,18 +414,21 @@ def run(args):
         if len(args.loras) != 2 or args.weights or args.output or args.into_base:
             raise ValueError("--analyze compares exactly two LoRAs and writes only --csv")
         analyze(*args.loras, csv_path=args.csv, model=args.model)
-    else:
-        names = list(args.token)
-        if args.config or args.config_name:
-            if not (args.config and args.config_name):
-                raise ValueError("--config and --config-name go together")
-            names += official_tokens(args.config, args.config_name)
-        layers, embeds, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.dtype,
-                                     names)
-        ranks = [d.shape[0] for c in layers.values() for d, _, _ in c.values()]
-        rank = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
-        print(f"merged {len(args.loras)} LoRAs ({len(ranks)} layers, rank {rank}, tokens "
-              f"{meta['token'] or 'none'}) -> {', '.join(x for x in (args.output, args.into_base) if x)}")
+        return
+    if args.ziplora_steps < 0 or args.ziplora_lr <= 0 or args.ziplora_lambda < 0:
+        raise ValueError("--ziplora-steps and --ziplora-lambda must be >= 0, --ziplora-lr > 0")
+    names = list(args.token)
+    if args.config or args.config_name:
+        if not (args.config and args.config_name):
+            raise ValueError("--config and --config-name go together")
+        names += official_tokens(args.config, args.config_name)
+    zl = dict(steps=args.ziplora_steps, lr=args.ziplora_lr, lam=args.ziplora_lambda, device=args.device)
+    layers, embeds, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.dtype,
+                                 names=names, method=args.method, ziplora=zl)
+    ranks = [d.shape[0] for c in layers.values() for d, _, _ in c.values()]
+    rank = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
+    print(f"merged {len(args.loras)} LoRAs ({len(ranks)} layers, rank {rank}, tokens "
+          f"{meta['token'] or 'none'}) -> {', '.join(x for x in (args.output, args.into_base) if x)}")
 
 
 if __name__ == "__main__":

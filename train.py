@@ -41,7 +41,7 @@ from tqdm import tqdm
 import checkpoint
 import errors
 from dco import (add_noise, alphas_cumprod, check_scheduler_config, dco_loss, diffusion_loss, min_snr_weights,
-                 prior_preservation_loss, sample_noise, sample_timesteps, training_target)
+                 prior_preservation_loss, relative_dco_loss, sample_noise, sample_timesteps, training_target)
 from files import DTYPES, read_json, read_text, save_image, sha256, write_json
 from lora import UNET_ATTN, inject_lora, lora_modules, lora_parameters, lora_scale
 from sample import generate
@@ -82,6 +82,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("the loss")
     g.add_argument("--loss", default="dco", choices=["dco", "db", "db-prior"])
     g.add_argument("--beta", type=float, default=1000.0, help="DCO's beta (1000-2000 work in the paper)")
+    g.add_argument("--relative-reward", action="store_true", help="DCO with the reward relative to phi's error, "
+                   "(l_phi - l_theta) / l_phi (dco.relative_reward; not the paper's; beta ~ 1-3, not 1000)")
     g.add_argument("--snr-gamma", type=float, help="min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5; in DCO on "
                                                    "both errors, as the official code")
     g = p.add_argument_group("LoRA and optimisation")
@@ -131,6 +133,8 @@ def parse_args(argv=None):
         raise ValueError(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's downsampling)")
     if args.alpha is not None and not args.alpha > 0:
         raise ValueError(f"--alpha {args.alpha}: must be > 0 (the LoRA's scale is alpha / rank; leave it out for 1)")
+    if args.relative_reward and args.loss != "dco":
+        raise ValueError(f"--relative-reward is an option of DCO's loss, not of --loss {args.loss}")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ValueError(f"--snr-gamma {args.snr_gamma:g}: must be > 0 (5 in Hang et al. 2023), or left out")
     if args.seed < 0 or args.checkpoint_every < 0 or args.sample_steps < 0 or args.lr_warmup < 0:
@@ -415,7 +419,7 @@ def db_prior_loss(eps_theta, eps_phi, eps, beta=None, prior_weight=1.0, weights=
                                    None if weights is None else weights[:B]), None
 
 
-LOSSES = {"dco": dco_loss, "db": db_loss, "db-prior": db_prior_loss}
+LOSSES = {"dco": dco_loss, "db": db_loss, "db-prior": db_prior_loss, "dco-relative": relative_dco_loss}
 
 
 def prior_class(sd, args, out, images, load, name, inits, master=True):
@@ -640,8 +644,9 @@ def train(args, loss_fn=None):
     if master:
         checkpoint.preflight(out, class_dir if args.loss == "db-prior" else None)  # before loading the model
     mp, dtype, amp = precision(args, device)  # the training dtype, and autocast to it (or nothing in fp32)
-    loss_fn = functools.partial(loss_fn or LOSSES[args.loss], beta=args.beta,
-                                **({"prior_weight": args.prior_weight} if args.loss == "db-prior" else {}))
+    prior = {"prior_weight": args.prior_weight} if args.loss == "db-prior" else {}
+    loss_fn = functools.partial(loss_fn or LOSSES["dco-relative" if args.relative_reward else args.loss],
+                                beta=args.beta, **prior)
 
     # --- the model: UNet and text encoders in the training dtype, the VAE in fp32 (see sdxl.py)
     sd = load_sdxl(args.model, device=device, dtype=dtype, variant=None if mp == "no" else "fp16", vae=args.vae)

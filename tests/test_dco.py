@@ -217,3 +217,50 @@ def test_weights_multiply_a_zero_gap():
     eps_theta, _, eps = _preds()
     loss, _ = dco.dco_loss(eps_theta, eps_theta.clone(), eps, weights=torch.tensor([0.1, 1.0, 5.0, 0.0]))
     assert loss.item() == torch.tensor(math.log(2.0)).item()
+
+
+def test_relative_reward_is_dco_with_a_per_sample_beta_over_l_phi():
+    """The follow-up's variant: -log sigmoid(beta (l_phi - l_theta) / l_phi). Its loss and gradient equal plain DCO's
+    with beta_i = beta / l_phi,i per sample (the identity that motivates it: a timestep-adaptive beta); it is log 2 at
+    theta = phi with a gradient beta / (2 l_phi) times DreamBooth's; and it is invariant to scaling both errors (eps,
+    eps_theta, eps_phi all times k), which the absolute reward is not."""
+    eps_theta, eps_phi, eps = _preds(seed=5, b=4)
+    eps_phi = eps + (eps_phi - eps) * torch.tensor([0.5, 1.0, 2.0, 4.0]).view(4, 1, 1, 1)  # l_phi differs per sample
+    beta = 3.0
+    l_phi = ((eps_phi - eps) ** 2).mean(dim=(1, 2, 3))
+    x, y = eps_theta.clone().requires_grad_(), eps_theta.clone().requires_grad_()
+    rel, r_rel = dco.dco_loss(x, eps_phi, eps, beta, relative=True)
+    ref, r_abs = dco.dco_loss(y, eps_phi, eps, beta / l_phi)
+    rel.backward()
+    ref.backward()
+    assert torch.allclose(rel, ref, rtol=1e-6) and torch.allclose(x.grad, y.grad, rtol=1e-5, atol=1e-12)
+    assert torch.allclose(r_rel, r_abs / l_phi, rtol=1e-6)
+    k = 10.0  # scale-free: the same loss when every error is k^2 times larger
+    assert torch.allclose(dco.dco_loss(k * eps_theta, k * eps_phi, k * eps, beta, relative=True)[0], rel, rtol=1e-5)
+    assert not torch.allclose(dco.dco_loss(k * eps_theta, k * eps_phi, k * eps, beta)[0], ref, rtol=1e-2)
+    one = eps_theta[:1].clone().requires_grad_()  # theta = phi: log 2, gradient beta / (2 l_phi) x DreamBooth's
+    loss, r = dco.dco_loss(one, eps_theta[:1].clone(), eps[:1], beta, relative=True)
+    loss.backward()
+    db = eps_theta[:1].clone().requires_grad_()
+    dco.diffusion_loss(db, eps[:1]).backward()
+    l0 = ((eps_theta[:1] - eps[:1]) ** 2).mean()
+    assert abs(loss.item() - math.log(2)) < 1e-6 and r.abs().max() == 0
+    assert torch.allclose(one.grad, beta / (2 * l0) * db.grad, rtol=1e-5, atol=1e-12)
+
+
+def test_absolute_reward_unchanged_by_the_relative_option():
+    """relative=False (the default) is the paper's loss bit for bit, both reductions."""
+    eps_theta, eps_phi, eps = _preds(seed=6)
+    for reduction in ("sample", "batch"):
+        l_t = ((eps_theta - eps) ** 2).mean(dim=(1, 2, 3))
+        l_p = ((eps_phi - eps) ** 2).mean(dim=(1, 2, 3))
+        d = (l_t - l_p) if reduction == "sample" else (l_t.mean() - l_p.mean())
+        loss, _ = dco.dco_loss(eps_theta, eps_phi, eps, 30.0, reduction=reduction, relative=False)
+        assert torch.equal(loss, -torch.nn.functional.logsigmoid(-30.0 * d).mean())
+
+
+def test_relative_dco_loss_is_the_option_under_its_own_name():
+    eps_theta, eps_phi, eps = _preds(seed=7)
+    a, ra = dco.relative_dco_loss(eps_theta, eps_phi, eps, 3.0)
+    b, rb = dco.dco_loss(eps_theta, eps_phi, eps, 3.0, relative=True)
+    assert torch.equal(a, b) and torch.equal(ra, rb)

@@ -28,10 +28,11 @@ def test_experiments_smoke(random_tiny, tmp_path):
     args = experiments.parse_args(["--model", random_tiny, "--out", str(out), "--work", str(work), "--seeds", "3",
                                    "--concepts", "checker,pastel,outline", "--betas", "1000", "--merge-betas", "1000",
                                    "--steps", "2", "--n-eval", "2", "--sample-steps", "2", "--wcons", "0,2",
-                                   "--num-class-images", "1", "--jobs", "2"])
+                                   "--num-class-images", "1", "--jobs", "2", "--rel-betas", "2",
+                                   "--ziplora-steps", "2"])
     experiments.run_parallel(args)
     runs = rows(out / "tinyworld_runs.csv")
-    methods = ["db", "db-prior", "dco-1000"]
+    methods = ["db", "db-prior", "dco-1000", "dco-rel-2"]
     # per concept: the base model once, then every method at every w_con
     assert len(runs) == 3 * (1 + len(methods) * 2)
     assert {(r["concept"], r["method"]) for r in runs} == {(c, m) for c in ("checker", "pastel", "outline")
@@ -46,9 +47,13 @@ def test_experiments_smoke(random_tiny, tmp_path):
     assert all(r["texture"] != "" for r in runs if r["concept"] == "checker")  # subject fidelity's parts
     assert all(r["texture"] == "" for r in runs if r["concept"] != "checker")
     merges = rows(out / "tinyworld_merge.csv")
-    assert {(r["method"], r["wcon"]) for r in merges} == {(m, w) for m in ("db", "dco-1000") for w in ("0.0", "2.0")}
+    assert {(r["method"], r["wcon"]) for r in merges} == {(m, w) for m in ("db", "db-ziplora", "dco-1000", "dco-rel-2")
+                                                          for w in ("0.0", "2.0")}
+    zipped = json.load(open(work / "merge_checker_pastel_db-ziplora_s3" / "merge_config.json"))
+    assert zipped["merge_method"] == "ziplora" and json.loads(zipped["ziplora"])["steps"] == 2
+    assert all(float(r["merge_s"]) > 0 and float(r["lora_train_s"]) > 0 for r in merges)  # timed side by side
     inter = rows(out / "tinyworld_interference.csv")
-    assert [r["method"] for r in inter] == ["db", "dco-1000"]
+    assert [r["method"] for r in inter] == ["db", "dco-1000", "dco-rel-2"]  # ZipLoRA zips the db pair: not repeated
     assert all(0 <= float(r["col_cos"]) <= 1 and float(r["norm_subject"]) > 0 for r in inter)
     for f in ("tinyworld_pareto.png", "tinyworld_merge.png", "tinyworld_samples.png", "tinyworld_results.md"):
         assert (out / f).is_file(), f
@@ -61,10 +66,22 @@ def test_experiments_smoke(random_tiny, tmp_path):
     experiments.report(experiments.parse_args(["--out", str(out), "--work", str(work), "--report"]))
     remade = (out / "tinyworld_results.md").read_text()
     assert "| db merge | 2 |" in remade and "| dco-1000 | " in remade.split("by timestep")[1]
+    assert "| db ziplora | 2 |" in remade and "a ZipLoRA merge takes" in remade
+    assert "| dco-rel-2 | " in remade.split("Follow-up")[1] and "| db ziplora | – |" in remade
     sat = rows(out / "tinyworld_saturation.csv")  # one row per DCO run: the gradient left, by timestep
-    assert sorted(r["concept"] for r in sat) == ["checker", "outline", "pastel"]
-    assert {r["method"] for r in sat} == {"dco-1000"}
+    assert sorted(r["concept"] for r in sat) == sorted(2 * ["checker", "outline", "pastel"])
+    assert {r["method"] for r in sat} == {"dco-1000", "dco-rel-2"}
     assert all(0 <= float(r["w"]) <= 2 for r in sat)
+    # --append with a new method: only it runs (and the LoRAs its merges need); nothing already there is repeated
+    before = {k: rows(out / f"tinyworld_{k}.csv") for k in ("runs", "merge")}
+    experiments.run_parallel(experiments.parse_args(
+        ["--model", random_tiny, "--out", str(out), "--work", str(work), "--seeds", "3", "--concepts",
+         "checker,pastel,outline", "--methods", "db,dco-rel", "--rel-betas", "2,5", "--steps", "2", "--n-eval", "2",
+         "--sample-steps", "2", "--wcons", "0,2", "--jobs", "2", "--ziplora-steps", "2", "--append"]))
+    after = {k: rows(out / f"tinyworld_{k}.csv") for k in ("runs", "merge")}
+    assert after["runs"][:len(before["runs"])] == before["runs"]
+    assert {r["method"] for r in after["runs"][len(before["runs"]):]} == {"dco-rel-5"}
+    assert {r["method"] for r in after["merge"][len(before["merge"]):]} == {"dco-rel-5"}
 
 
 def test_seed_stats_average_concepts_first_then_seeds():
@@ -122,3 +139,12 @@ def json_of(path):
 
     with open(path) as f:
         return json.load(f)
+
+
+def test_append_to_an_older_csv_adds_the_new_columns(tmp_path):
+    """A CSV written before a column existed (the old merge CSV had no merge_s) is rewritten with the new header:
+    old rows keep their values (new columns empty), new rows are read back under the right names."""
+    path = str(tmp_path / "m.csv")
+    experiments.append(path, ["a", "b"], [{"a": 1, "b": 2}])
+    experiments.append(path, ["a", "b", "c"], [{"a": 3, "b": 4, "c": 5}])
+    assert rows(path) == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "4", "c": "5"}]

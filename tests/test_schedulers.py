@@ -259,7 +259,13 @@ def test_v_prediction_training(variant, tiny_sdxl, tmp_path, monkeypatch):
     v it gives back exactly the noise and the latent that an epsilon base's run (same seed) draws."""
     batches = []
     get_batch = train.get_batch
-    monkeypatch.setattr(train, "get_batch", lambda *a: batches.append(get_batch(*a)) or batches[-1])
+
+    def spy(*args, **kwargs):  # get_batch -> (t, micro-batches): keep this process's first micro-batch
+        t, micro = get_batch(*args, **kwargs)
+        micro = list(micro)
+        batches.append(micro[0])
+        return t, iter(micro)
+    monkeypatch.setattr(train, "get_batch", spy)
     log = _train(variant(**V_PRED), tmp_path, "v", "--steps", "2", "--snr-gamma", "5")
     v_batch = batches[0]
     _train(tiny_sdxl[0], tmp_path, "eps", "--steps", "1", "--loss", "db")

@@ -104,6 +104,19 @@ def test_first_step_is_log2_and_loss_finite(dco_run):
         assert r["implicit_reward"] == pytest.approx(sum(r["implicit_rewards"]) / len(r["implicit_rewards"]))
 
 
+def test_relative_reward_flag_reaches_the_loss(tiny_sdxl, tmp_path):
+    """--relative-reward: the first step is still exactly log 2 (theta = phi), and the logged rewards are the
+    relative ones, r / l_phi = 1 - l_theta / l_phi (<= 1), not the plain DCO run's from the same seed."""
+    images = make_images(tmp_path / "dog")
+    run(*argv(images, tiny_sdxl[0], tmp_path / "rel", "--checkpoint-every", "0", "--relative-reward", "--beta", "3"))
+    run(*argv(images, tiny_sdxl[0], tmp_path / "abs", "--checkpoint-every", "0", "--beta", "3"))
+    rel, plain = read_log(tmp_path / "rel"), read_log(tmp_path / "abs")
+    assert rel[0]["loss"] == LOG2 and rel[0]["implicit_reward"] == 0.0
+    assert all(x <= 1 for r in rel for x in r["implicit_rewards"])
+    assert rel[1]["implicit_reward"] != plain[1]["implicit_reward"]
+    assert json.loads((tmp_path / "rel" / "train_config.json").read_text())["relative_reward"] is True
+
+
 def test_phi_is_the_pretrained_model(dco_run, tiny_sdxl):
     result, _, _, _ = dco_run
     unet, base = result["sd"].unet, load_sdxl(str(tiny_sdxl[0])).unet

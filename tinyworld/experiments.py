@@ -6,13 +6,15 @@ merge.py on the tiny SDXL (tinyworld/model) and the exact pixel metrics of tinyw
 
 1. Customisation (paper Fig. 4/5). For every concept (subjects <checker>, <striped>; styles <pastel>, <outline>)
    and every seed, train a LoRA (+ the concept's token) on its 5 reference images with comprehensive captions
-   using DreamBooth (`--loss db`), DreamBooth + prior preservation (`db-prior`) and DCO (`dco`, a beta sweep).
+   using DreamBooth (`--loss db`), DreamBooth + prior preservation (`db-prior`), DCO (`dco`, a beta sweep) and
+   the follow-up, DCO with the reward relative to phi's error (`dco-rel`, train.py --relative-reward, a beta sweep).
    Sample each on new prompts (random contexts: other backgrounds, positions, sizes; for styles other colours and
    shapes) over a consistency-guidance sweep (w_con; 0 = plain CFG sampling with the LoRA) and score every image:
    concept fidelity (subject_fidelity / style_fidelity ~ the paper's DINO score) against prompt fidelity (the share
    of the prompt's attributes the image shows ~ its SigLIP score). The Pareto plot puts one against the other.
-2. Merging (paper Fig. 7). Add a subject LoRA and a style LoRA, trained separately (merge.merge, exact sum), for DB
-   and for DCO, and sample "a <subject> ... , <style> style": subject, style and prompt fidelity of the composition.
+2. Merging (paper Fig. 7 and its table). Add a subject LoRA and a style LoRA, trained separately (merge.merge, exact
+   sum), for DB, DCO and dco-rel, and merge the DB pair by ZipLoRA too (merge.merge method="ziplora", timed next to
+   training its LoRAs); sample "a <subject> ... , <style> style": subject, style and prompt fidelity.
 3. Interference (merge.interference, [3/5]): mean |cos| between the two LoRAs' weight updates, layer by layer,
    and the size of each update ||dW||_F, for the DB pair and the DCO pair.
 
@@ -21,8 +23,10 @@ merge.py on the tiny SDXL (tinyworld/model) and the exact pixel metrics of tinyw
 
 Every run appends its rows to the CSVs as soon as it finishes (a killed run leaves usable partial results); at the
 end the plots and the tables (docs/tinyworld_results.md) are made from the CSVs. `--report` remakes them from
-existing CSVs without training. One run (train 300 steps + sample 24 prompts x 3 w_con + score) takes ~30 s on one
-CPU core: the defaults (4 concepts x 3 seeds x 6 methods + merges) ~45 min on one core, ~23 min with --jobs 2.
+existing CSVs without training; `--append` adds to them and skips every run and merge they already hold (a restart,
+or a subset such as `--methods dco-rel --rel-betas 0.3`). One run (train 300 steps + sample 24 prompts x 3 w_con +
+score) takes ~30 s on one idle CPU core: the defaults (4 concepts x 3 seeds x 8 methods + 30 merges) ~60 min on one
+core, ~30 min with --jobs 2 (estimated from the parts' timings).
 """
 import argparse
 import contextlib
@@ -57,7 +61,8 @@ RUN_FIELDS = ["concept", "kind", "method", "loss", "beta", "seed", "wcon", "fide
               "prompt_all", "bg", "color", "kind_attr", "position", "size", "shape", "colors", "texture",
               "train_s", "n"]  # shape, colors, texture: subject_fidelity's three parts (subjects only)
 MERGE_FIELDS = ["subject", "style", "method", "seed", "wcon", "subject_fidelity", "style_fidelity",
-                "prompt_fidelity", "prompt_all", "n"]
+                "prompt_fidelity", "prompt_all", "n", "merge_s", "lora_train_s"]  # lora_train_s: its two LoRAs' mean
+# training time, when trained in the same run (the side-by-side cost of a ZipLoRA merge)
 T_BINS = ((0, 250), (250, 500), (500, 750), (750, 1000))  # timestep ranges: low noise (fine detail) to pure noise
 SATURATION_FIELDS = ["concept", "method", "beta", "seed", "r", "w"] + [f"w{lo}" for lo, _ in T_BINS]
 INTERFERENCE_FIELDS = ["subject", "style", "method", "seed", "col_cos", "row_cos", "up_cos", "down_cos",
@@ -68,10 +73,20 @@ def kind_of(name):
     return "subject" if name in world.SUBJECTS else "style"
 
 
-def methods(betas, losses=("db", "db-prior", "dco")):
-    """[(method name, train.py --loss, beta)]: the two baselines, then DCO at every beta."""
+def methods(betas, losses=("db", "db-prior", "dco"), rel_betas=()):
+    """[(method name, train.py --loss, beta)]: the two baselines, DCO at every beta, then the follow-up, DCO with the
+    relative reward r / l_phi (train.py --relative-reward, "dco-rel"), at every rel_beta."""
     return [(m, m, 0.0) for m in ("db", "db-prior") if m in losses] + \
-        [(f"dco-{b:g}", "dco", b) for b in betas if "dco" in losses]
+        [(f"dco-{b:g}", "dco", b) for b in betas if "dco" in losses] + \
+        [(f"dco-rel-{b:g}", "dco-rel", b) for b in rel_betas if "dco-rel" in losses]
+
+
+def merge_methods(args):
+    """The merges of a subject and a style LoRA: [(name, method trained, merge.py --method)]. DB's LoRAs summed and
+    zipped (ZipLoRA, the baseline DCO claims to make unnecessary), DCO's and the follow-up's summed."""
+    out = [("db", "db", "sum"), ("db-ziplora", "db", "ziplora")] if "db" in args.methods else []
+    out += [(f"dco-{b:g}", f"dco-{b:g}", "sum") for b in args.merge_betas if "dco" in args.methods]
+    return out + [(f"dco-rel-{b:g}", f"dco-rel-{b:g}", "sum") for b in args.rel_betas if "dco-rel" in args.methods]
 
 
 def eval_scenes(name, n, subject=None, style=None):
@@ -104,10 +119,11 @@ def train_lora(name, loss, beta, seed, out, args):
     """train.py on the concept's folder (its captions name the token) -> seconds taken."""
     c = world.concept(name)
     argv = ["--images", os.path.join(world.CONCEPTS_DIR, name), "--model", args.model, "--output", out,
-            "--loss", loss, "--beta", str(beta or 1000), "--steps", str(args.steps), "--rank", str(args.rank),
+            "--loss", "dco" if loss == "dco-rel" else loss, "--beta", str(beta or 1000), "--steps", str(args.steps), "--rank", str(args.rank),
             "--lr", str(args.lr), "--ti-lr", str(args.ti_lr), "--resolution", str(world.SIZE),
             "--token", c.token, "--init-word", c.init_word, "--seed", str(train_seed(name, seed)),
-            "--checkpoint-every", "0", "--sample-steps", "0", "--device", "cpu"]
+            "--checkpoint-every", "0", "--sample-steps", "0", "--device", "cpu"] + \
+        (["--relative-reward"] if loss == "dco-rel" else [])
     if loss == "db-prior":  # class images are made by the base model once per concept (cached in --class-dir)
         argv += ["--class-prompt", class_prompt(name), "--num-class-images", str(args.num_class_images),
                  "--class-dir", os.path.join(args.work, "class_images", args.digest, name), "--sample-steps",
@@ -156,7 +172,15 @@ def sample_scores(args, loras, scenes, wcons, seed, keep=None, prompts=None):
 
 
 def append(path, fields, rows):
+    """Add rows to a CSV; one written with fewer columns (an older run's) is rewritten with the new ones first."""
     new = not os.path.exists(path)
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != fields:
+            old = read_csv(path)
+            os.remove(path)
+            return append(path, fields, old + list(rows))
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         if new:
@@ -192,7 +216,9 @@ def run_parallel(args):
     outs = [os.path.join(args.work, f"job{k}") for k in range(len(jobs))]
     ctx = multiprocessing.get_context("fork")  # workers inherit the loaded modules; no re-import per process
     t_start = time.time()
-    procs = [ctx.Process(target=_worker, args=(replace_args(args, concepts=c, out=o, append=False, jobs=1),))
+    done_from = args.out if args.append else None  # workers skip what --out's CSVs already have
+    procs = [ctx.Process(target=_worker, args=(replace_args(args, concepts=c, out=o, append=False, jobs=1,
+                                                            done_from=done_from),))
              for c, o in zip(jobs, outs)]
     for p in procs:
         p.start()
@@ -203,9 +229,7 @@ def run_parallel(args):
     os.makedirs(args.out, exist_ok=True)
     for key, path in csv_paths(args.out).items():
         old = read_csv(path) if args.append else []
-        have = {(r["concept"], r["seed"]) for r in old if r.get("method") == "base"}
-        new = [r for o in outs for r in read_csv(csv_paths(o)[key])
-               if not (key == "runs" and r["method"] == "base" and (r["concept"], r["seed"]) in have)]
+        new = [r for o in outs for r in read_csv(csv_paths(o)[key])]
         if os.path.exists(path):
             os.remove(path)
         fields = {"runs": RUN_FIELDS, "merge": MERGE_FIELDS, "interference": INTERFERENCE_FIELDS,
@@ -243,7 +267,14 @@ def run(args, make_report=True):
     for path in csvs.values():  # a fresh run (unless --append); rows are appended as runs finish
         if os.path.exists(path) and not args.append:
             os.remove(path)
-    done_base = {(r["concept"], r["seed"]) for r in read_csv(csvs["runs"]) if r["method"] == "base"}
+    # --append: what the CSVs already hold is not run again (a restart, or new methods added to an old run)
+    done = csv_paths(getattr(args, "done_from", None) or args.out) \
+        if args.append or getattr(args, "done_from", None) else {"runs": "", "merge": ""}
+    done_runs = {(r["concept"], r["method"], r["seed"]) for r in read_csv(done["runs"])}
+    done_merges = {(r["subject"], r["style"], r["method"], r["seed"]) for r in read_csv(done["merge"])}
+    merges = merge_methods(args)
+    needed = {m for _, m, _ in merges}  # LoRAs a merge needs: trained again if --work lost them
+    train_s = {}  # (concept, method, seed) -> seconds, for this run's merge costs
     t_start = time.time()
 
     def log(text):
@@ -256,50 +287,68 @@ def run(args, make_report=True):
             fid = f"{kind}_fidelity"
             # The base model on the base prompts (token -> init word), scored as if it were meant to show the
             # concept: the floor of concept fidelity, and the prompt fidelity of the unchanged model.
-            if (name, str(seed)) not in done_base:
+            if (name, "base", str(seed)) not in done_runs:
                 keep = os.path.join(args.work, f"samples_{name}_base") if first else None
                 r = sample_scores(args, [], scenes, [0.0], seed, keep, [world.base_caption(s) for s in scenes])[0.0]
                 append(csvs["runs"], RUN_FIELDS, [{"concept": name, "kind": kind, "method": "base", "loss": "",
                                                    "beta": "", "seed": seed, "wcon": 0, "fidelity": r[fid], **r,
                                                    "train_s": 0, "n": len(scenes)}])
-            for method, loss, beta in methods(args.betas, args.methods):
+            for method, loss, beta in methods(args.betas, args.methods, args.rel_betas):
                 out = os.path.join(args.work, f"{name}_{method}_s{seed}")
-                secs = train_lora(name, loss, beta, seed, out, args)
+                have = (name, method, str(seed)) in done_runs
+                if have and (method not in needed or os.path.exists(os.path.join(out, "train_config.json"))):
+                    continue
+                secs = train_s[(name, method, seed)] = train_lora(name, loss, beta, seed, out, args)
+                if have:  # trained again only for a merge; its scores are in the CSV already
+                    log(f"seed {seed} {name:8s} {method:9s} train {secs:5.1f} s (for the merges)")
+                    continue
                 keep = os.path.join(args.work, f"samples_{name}_{method}") if first else None
                 res = sample_scores(args, [out], scenes, args.wcons, seed, keep)
                 append(csvs["runs"], RUN_FIELDS, [{"concept": name, "kind": kind, "method": method, "loss": loss,
                                                    "beta": beta or "", "seed": seed, "wcon": w, "fidelity": r[fid],
                                                    **r, "train_s": round(secs, 1), "n": len(scenes)}
                                                   for w, r in res.items()])
-                if loss == "dco":
+                if loss in ("dco", "dco-rel"):  # the relative reward's log holds r / l_phi: 2 sigmoid(-beta r) still
                     append(csvs["saturation"], SATURATION_FIELDS, [{"concept": name, "method": method, "beta": beta,
                            "seed": seed, **saturation(os.path.join(out, "log.jsonl"), beta)}])
                 log(f"seed {seed} {name:8s} {method:9s} train {secs:5.1f} s   fidelity/prompt "
                     + "  ".join(f"w{w:g} {r[fid]:.2f}/{r['prompt_fidelity']:.2f}" for w, r in res.items()))
         for subject, style in PAIRS:
-            if subject not in args.concepts or style not in args.concepts or not {"db", "dco"} <= set(args.methods):
+            if subject not in args.concepts or style not in args.concepts:
                 continue
             scenes = eval_scenes(None, args.n_eval, subject=subject, style=style)
-            for method in ["db"] + [f"dco-{b:g}" for b in args.merge_betas]:
-                a, b = (os.path.join(args.work, f"{n}_{method}_s{seed}") for n in (subject, style))
+            for method, lora, how in merges:
+                if (subject, style, method, str(seed)) in done_merges:
+                    continue
+                a, b = (os.path.join(args.work, f"{n}_{lora}_s{seed}") for n in (subject, style))
                 merged = os.path.join(args.work, f"merge_{subject}_{style}_{method}_s{seed}")
                 shutil.rmtree(merged, ignore_errors=True)
-                merging.merge([a, b], [1.0, 1.0], merged, model=args.model)
+                t0 = time.time()
+                with contextlib.redirect_stderr(io.StringIO()):  # ZipLoRA's progress bar
+                    merging.merge([a, b], [1.0, 1.0], merged, model=args.model, method=how,
+                                  ziplora={"device": "cpu", "seed": seed, "steps": args.ziplora_steps})
+                merge_s = time.time() - t0
+                trained = [train_s.get((n, lora, seed)) for n in (subject, style)]
                 keep = os.path.join(args.work, f"samples_merge_{subject}_{style}_{method}") if first else None
                 res = sample_scores(args, [merged], scenes, args.wcons, seed, keep)
                 append(csvs["merge"], MERGE_FIELDS, [{"subject": subject, "style": style, "method": method,
-                                                      "seed": seed, "wcon": w, **r, "n": len(scenes)}
+                                                      "seed": seed, "wcon": w, **r, "n": len(scenes),
+                                                      "merge_s": round(merge_s, 2), "lora_train_s":
+                                                      round(sum(trained) / 2, 1) if None not in trained else ""}
                                                      for w, r in res.items()])
+                log(f"seed {seed} merge {subject}+{style} {method} ({how}, {merge_s:.1f} s): subject/style/prompt "
+                    + "  ".join(f"w{w:g} {r['subject_fidelity']:.2f}/{r['style_fidelity']:.2f}/"
+                                f"{r['prompt_fidelity']:.2f}" for w, r in res.items()))
+                if how != "sum":  # the same two LoRAs as the sum's: their interference is already measured
+                    continue
                 la, lb = (merging.read_source(p).layers for p in (a, b))
                 rows = merging.interference(la, lb)
                 mean = {k: float(np.mean([r[k] for r in rows])) for k in INTERFERENCE_FIELDS[4:10]}
                 append(csvs["interference"], INTERFERENCE_FIELDS,
                        [{"subject": subject, "style": style, "method": method, "seed": seed, **mean,
                          "norm_subject": lora_norm(la), "norm_style": lora_norm(lb), "layers": len(rows)}])
-                log(f"seed {seed} merge {subject}+{style} {method}: subject/style/prompt "
-                    + "  ".join(f"w{w:g} {r['subject_fidelity']:.2f}/{r['style_fidelity']:.2f}/"
-                                f"{r['prompt_fidelity']:.2f}" for w, r in res.items())
-                    + f"   |cos| {mean['col_cos']:.3f} (random {mean['col_random']:.3f})")
+                log(f"seed {seed} {subject}+{style} {method}: |cos| {mean['col_cos']:.3f} (random "
+                    f"{mean['col_random']:.3f})")
     minutes = (time.time() - t_start) / 60
     if make_report:
         write_run_json(args, minutes)
@@ -341,9 +390,15 @@ def pm(stat):
 
 def method_order(names):
     def key(m):
-        return (0, 0.0) if m == "base" else (1, 0.0) if m == "db" else (2, 0.0) if m == "db-prior" else \
-            (3, float(m.split("-", 1)[1]))
+        fixed = {"base": 0, "db": 1, "db-prior": 2, "db-ziplora": 3}
+        return (fixed[m], 0.0) if m in fixed else (5, float(m[8:])) if m.startswith("dco-rel-") else \
+            (4, float(m.split("-", 1)[1]))
     return sorted(set(names), key=key)
+
+
+def merge_label(m):
+    """'db' -> 'db merge', 'db-ziplora' -> 'db ziplora', 'dco-30' -> 'dco-30 merge': the paper's three rows."""
+    return "db ziplora" if m == "db-ziplora" else f"{m} merge"
 
 
 def wcon_label(w):
@@ -373,9 +428,10 @@ def sample_figure(args, out_png):
         stems += [(f"{name}_base", [0.0]), (f"{name}_db-prior", [0.0])] + \
             [(f"{name}_{m}", [0.0] + args.show_wcons) for m in ["db"] + [f"dco-{b:g}" for b in args.show_betas]]
     for subject, style in PAIRS:
-        stems += [(f"merge_{subject}_{style}_{m}", [0.0] + args.show_wcons)
-                  for m in ["db"] + [f"dco-{b:g}" for b in args.merge_betas]]
+        stems += [(f"merge_{subject}_{style}_{m}", [0.0] + args.show_wcons) for m, _, _ in merge_methods(args)]
     rows, labels = [], []
+    if not all(os.path.exists(os.path.join(args.work, f"samples_{c}_base_w0.npy")) for c in args.concepts):
+        return False  # an --append run kept only its new rows' samples (no base rows): keep the full run's figure
     for stem, wcons in stems:
         for w in wcons:
             path = os.path.join(args.work, f"samples_{stem}_w{w:g}.npy")
@@ -414,6 +470,50 @@ def dco_saturation(rows):
         out[m] = {k: seed_stats([x for x in mine if x.get(k)], lambda x: 0, k)[0]
                   for k in SATURATION_FIELDS[4:] if any(x.get(k) for x in mine)}
     return out
+
+
+def merge_cost(merges):
+    """ZipLoRA's cost next to training one LoRA, both measured in the same run (merge_s: merge.merge's wall time,
+    loading the model included; lora_train_s: the mean of its two LoRAs' train.py wall time)."""
+    rows = [r for r in merges if r["method"] == "db-ziplora" and r.get("merge_s") and r.get("lora_train_s")
+            and float(r["wcon"]) == 0]
+    if not rows:
+        return []
+    zip_s, train_s = (float(np.mean([float(r[k]) for r in rows])) for k in ("merge_s", "lora_train_s"))
+    sums = [float(r["merge_s"]) for r in merges if r["method"] == "db" and r.get("merge_s") and float(r["wcon"]) == 0]
+    return [f"Cost, measured side by side in one run ({len(rows)} merges): a ZipLoRA merge takes {zip_s:.1f} s, "
+            f"{zip_s / train_s:.2f}× the {train_s:.1f} s of training one of its DB LoRAs (300 steps)"
+            + (f"; the exact sum takes {np.mean(sums):.2f} s" if sums else "") + ".", ""]
+
+
+def follow_up(runs, merges):
+    """The follow-up on one line per method, plain sampling: DB, DCO and DCO with the relative reward on the subject
+    axes (fidelity, its texture part, prompt), the style axes and the merge."""
+    rel = sorted({r["method"] for r in runs if r["method"].startswith("dco-rel-")})
+    if not rel:
+        return []
+    plain = [r for r in runs if float(r["wcon"]) == 0]
+    ms = [m for m in method_order(r["method"] for r in plain) if m in ("db",) or m.startswith("dco-")]
+    cols = [("subject", "fidelity"), ("subject", "texture"), ("subject", "prompt_fidelity"), ("style", "fidelity"),
+            ("style", "prompt_fidelity")]
+    stats = {c: seed_stats([r for r in plain if r["kind"] == c[0]], lambda r: r["method"], c[1]) for c in cols}
+    mplain = [r for r in merges if float(r["wcon"]) == 0]
+    mst = {k: seed_stats(mplain, lambda r: r["method"], k) for k in ("subject_fidelity", "style_fidelity",
+                                                                      "prompt_fidelity")}
+    lines = ["## Follow-up: DCO with the reward relative to phi's error (dco-rel-β)", "",
+             "`train.py --relative-reward`: the reward r = l_phi − l_theta divided by l_phi (dco.relative_reward). "
+             "Plain sampling (w_con 0), every method on the same axes; merge = the sum of its subject and style LoRAs "
+             "(db: also ZipLoRA):", "",
+             "| method | subject fidelity | subject texture | subject prompt | style fidelity | style prompt | "
+             "merge subject | merge style | merge prompt |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in ms:
+        cells = [pm(stats[c][m]) if m in stats[c] else "–" for c in cols]
+        cells += [pm(mst[k][m]) if m in mst[k] else "–" for k in mst]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        if m == "db" and "db-ziplora" in mst["subject_fidelity"]:
+            lines.append("| db ziplora | – | – | – | – | – | " + " | ".join(pm(mst[k]["db-ziplora"]) for k in mst)
+                         + " |")
+    return lines + [""]
 
 
 def report(args):
@@ -479,16 +579,20 @@ def report(args):
                   "| method | w_con | subject fidelity | style fidelity | prompt fidelity |", "|---|---|---|---|---|"]
         for m in method_order(r["method"] for r in merges):
             for w in sorted({w for mm, w in st["subject_fidelity"] if mm == m}, key=lambda w: (w != 0, w)):
-                lines.append(f"| {m} merge | {wcon_label(w)} | " + " | ".join(pm(st[k][(m, w)]) for k in st) + " |")
+                lines.append(f"| {merge_label(m)} | {wcon_label(w)} | " + " | ".join(pm(st[k][(m, w)]) for k in st)
+                             + " |")
+        lines += [""] + merge_cost(merges)
         series = []
         for m in method_order(r["method"] for r in merges):
             ws = sorted({w for mm, w in st["subject_fidelity"] if mm == m}, key=lambda w: (w == 0, w))
             series.append((m, ws))
-        a = plot.lines([plot.Series(f"{m} merge", [(st["prompt_fidelity"][(m, w)][0], st["subject_fidelity"][(m, w)][0])
-                                                   for w in ws], [wcon_label(w) for w in ws], dashed=m == "db")
+        a = plot.lines([plot.Series(merge_label(m), [(st["prompt_fidelity"][(m, w)][0],
+                                                      st["subject_fidelity"][(m, w)][0]) for w in ws],
+                                    [wcon_label(w) for w in ws], dashed=m.startswith("db"))
                         for m, ws in series], "prompt fidelity", "subject fidelity", "merged: subject vs prompt")
-        b = plot.lines([plot.Series(f"{m} merge", [(st["style_fidelity"][(m, w)][0], st["subject_fidelity"][(m, w)][0])
-                                                   for w in ws], [wcon_label(w) for w in ws], dashed=m == "db")
+        b = plot.lines([plot.Series(merge_label(m), [(st["style_fidelity"][(m, w)][0],
+                                                      st["subject_fidelity"][(m, w)][0]) for w in ws],
+                                    [wcon_label(w) for w in ws], dashed=m.startswith("db"))
                         for m, ws in series], "style fidelity", "subject fidelity", "merged: subject vs style")
         plot.side_by_side([a, b]).save(os.path.join(args.out, "tinyworld_merge.png"))
         lines.append("")
@@ -501,6 +605,7 @@ def report(args):
                   for k in ("col_cos", "col_random", "row_cos", "row_random", "norm_subject", "norm_style")}
             lines.append(f"| {m} | " + " | ".join(pm(st[k]) for k in st) + " |")
         lines.append("")
+    lines += follow_up(runs, merges)
     gradient_left = dco_saturation(sat)
     if gradient_left:
         lines += ["## Where DCO stops learning: the DreamBooth gradient left, by timestep", "",
@@ -541,8 +646,11 @@ def parse_args(argv=None):
                    help="LoRAs, merges, class images, kept samples")
     p.add_argument("--concepts", default=",".join([*world.SUBJECTS, *world.STYLES]))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--methods", default="db,db-prior,dco", help="which of db, db-prior, dco (at every --betas) to "
-                   "train; the merge needs db and dco")
+    p.add_argument("--methods", default="db,db-prior,dco,dco-rel", help="which of db, db-prior, dco (at every "
+                   "--betas), dco-rel (DCO with the relative reward, at every --rel-betas) to train; merges are made "
+                   "of those trained: db (sum and ZipLoRA), dco (--merge-betas), dco-rel")
+    p.add_argument("--rel-betas", type=floats, default=floats("1,3"), help="the follow-up's beta sweep (the "
+                   "relative reward is ~0.5 where DCO's is ~0.05: beta ~ 1, not 1000)")
     p.add_argument("--betas", type=floats, default=floats("10,30,100,1000"), help="DCO's beta sweep")
     p.add_argument("--merge-betas", type=floats, default=floats("30,100"),
                    help="the DCO LoRAs merged (some of --betas)")
@@ -562,7 +670,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="worker processes (the concepts split by merge pair): "
                    "--jobs 2 on 2 cores halves the time")
     p.add_argument("--append", action="store_true", help="keep the rows already in --out's CSVs and add this "
-                   "run's (e.g. more betas); the base model's rows are not repeated")
+                   "run's (e.g. more betas, a new method): a run or merge the CSVs already hold is not repeated, so "
+                   "this also resumes a killed run (a LoRA a new merge needs is retrained if --work lost it)")
+    p.add_argument("--ziplora-steps", type=int, default=100, help="ZipLoRA's optimisation steps (merge.py's default)")
     p.add_argument("--report", action="store_true", help="only remake plots and tables from the CSVs in --out")
     args = p.parse_args(argv)
     args.concepts = [c for c in args.concepts.split(",") if c]
@@ -570,8 +680,8 @@ def parse_args(argv=None):
         world.concept(c)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.methods = [m for m in args.methods.split(",") if m]
-    if set(args.methods) - {"db", "db-prior", "dco"}:
-        raise ValueError(f"--methods {','.join(args.methods)}: choose from db, db-prior, dco")
+    if set(args.methods) - {"db", "db-prior", "dco", "dco-rel"}:
+        raise ValueError(f"--methods {','.join(args.methods)}: choose from db, db-prior, dco, dco-rel")
     if {"db", "dco"} <= set(args.methods) and not set(args.merge_betas) <= set(args.betas):
         raise ValueError(f"--merge-betas {args.merge_betas}: each must be one of --betas {args.betas}")
     args.command = "python -m tinyworld.experiments " + " ".join(argv if argv is not None else sys.argv[1:])
