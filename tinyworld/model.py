@@ -19,12 +19,12 @@ Factor 2 rather than 4: a 5x5 checker on a 10-pixel circle, or a 1.5-pixel outli
 """
 import json
 import os
-import shutil
 from collections import Counter
 
 import torch
 from safetensors.torch import save_file
 
+from files import atomic
 from text_encoder import CLIPTextModel, bytes_to_unicode
 from unet_loader import UNet
 from vae import AutoencoderKL
@@ -179,11 +179,15 @@ def _write_json(path, obj):
 
 
 def save_model(folder, unet, vae, text_encoder, text_encoder_2, metadata=None):
-    """Write the four models in the diffusers SDXL layout, atomically: everything goes to `folder.tmp`, which
-    then replaces `folder` (a crash never leaves a half-written model). fp32 safetensors."""
+    """Write the four models in the diffusers SDXL layout, atomically (files.atomic: a crash never leaves a
+    half-written model). fp32 safetensors."""
     folder = os.path.abspath(folder)
-    tmp, old = folder + ".tmp", folder + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic(folder) as tmp:
+        _write_model(tmp, unet, vae, text_encoder, text_encoder_2, metadata)
+    return folder
+
+
+def _write_model(tmp, unet, vae, text_encoder, text_encoder_2, metadata):
     modules = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
     configs = {"unet": unet.config, "vae": vae.config, "text_encoder": TEXT_ENCODER_CONFIG,
                "text_encoder_2": TEXT_ENCODER_2_CONFIG}
@@ -197,12 +201,6 @@ def save_model(folder, unet, vae, text_encoder, text_encoder_2, metadata=None):
     os.makedirs(os.path.join(tmp, "scheduler"))
     _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), SCHEDULER_CONFIG)
     _write_json(os.path.join(tmp, "model_index.json"), MODEL_INDEX)
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def load(folder=MODEL_DIR, device="cpu", dtype=torch.float32):

@@ -33,9 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from dco import add_noise, alphas_cumprod, diffusion_loss, min_snr_weights
+from files import save_tensors
 from text_encoder import CLIPTokenizer, encode_prompt
 
 from . import model as M
@@ -55,9 +56,7 @@ def torch_rng(*key):
 
 
 def save_atomic(tensors, path, metadata=None):
-    tmp = path + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    save_tensors(path, tensors, metadata)  # files.save_tensors: atomic, usual permissions
 
 
 def state_of(prefix, module):
