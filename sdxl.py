@@ -213,13 +213,14 @@ def randomize_(model, generator):
     """Random weights in place, in the model's own dtype (no fp32 copy of a 2.6 B-parameter model): matrices and
     conv kernels N(0, 1/fan_in), so activations stay of order 1 through the deep stacks; norm gains 1, biases and
     other vectors small noise."""
-    for name, p in model.named_parameters():
-        if p.ndim >= 2:
-            p.normal_(0.0, p[0].numel() ** -0.5, generator=generator)
-        elif "norm" in name and name.endswith("weight"):
-            p.fill_(1.0)
-        else:
-            p.normal_(0.0, 0.02, generator=generator)
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and name == "weight":
+                p.fill_(1.0)
+            elif p.ndim >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5, generator=generator)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
     return model
 
 

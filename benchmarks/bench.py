@@ -7,6 +7,7 @@
     (e) CUDA only: the real-size SDXL DCO step at 1024^2 in bf16 (time, peak memory with and without gradient
         checkpointing, achieved TFLOP/s) and a 30-step consistency-guided 1024^2 sample.
 
+`--real-size` runs benchmarks/real_size.py instead: the whole main job at SDXL's real size on any device.
 Prints a table; a full run writes docs/benchmarks.md (a --quick or --size run only prints, unless --out is given). Models are built with random weights (speed does not depend on the
 values): the real SDXL configs on CUDA, a "medium" SDXL-shaped family on CPU (see SIZES), a tiny one for --quick.
 Timing: the variants of a row run interleaved (A B, B A, ...) after warm-up; medians and the min-max spread are
@@ -668,7 +669,14 @@ def main(argv=None):
     p.add_argument("--out", help="markdown report (default: docs/benchmarks.md for a full run; a --quick or --size "
                                  "run only prints, so it never overwrites the committed numbers)")
     p.add_argument("--peak-of", choices=["dco", "db"], help=argparse.SUPPRESS)  # internal: a CPU memory probe
-    args = p.parse_args(argv)
+    p.add_argument("--real-size", action="store_true", help="the main job at SDXL's real size (sdxl-random): "
+                                                            "benchmarks/real_size.py, its own options after --")
+    args, rest = p.parse_known_args(argv)
+    if args.real_size:
+        from benchmarks import real_size
+        return real_size.main([a for a in rest if a != "--"])
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     device = torch.device(args.device)
     partial = args.quick or args.size is not None
     args.size = args.size or ("tiny" if args.quick else "sdxl" if device.type == "cuda" else "medium")
