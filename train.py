@@ -512,6 +512,9 @@ def train(args):
 
 
 def main(argv=None):
+    # Once DCO's loss saturates (beta 1000: the first steps at real size), its gradients are denormal floats, which
+    # x86 CPUs compute ~100x slower (a 256^2 SDXL step: 57 s -> 221 s). Flushing them to zero changes nothing else.
+    torch.set_flush_denormal(True)
     try:
         train(parse_args(argv))
     except (ValueError, FileNotFoundError) as e:

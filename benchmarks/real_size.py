@@ -372,6 +372,7 @@ def main(argv=None):
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as train.main: a saturated DCO loss makes denormal gradients, slow on CPUs
     if args.child:
         kind, *params = args.child
         if kind == "job":
