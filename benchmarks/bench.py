@@ -654,7 +654,9 @@ about 10% slower on this CPU); torch.compile on CPU (minutes of compiling for th
 
 {chr(10).join(res.sections)}"""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(doc)
+    old = Path(path).read_text() if Path(path).exists() else ""
+    real = old[old.find("\n## Real size\n"):] if "\n## Real size\n" in old else ""  # real_size.py's section: kept
+    Path(path).write_text(doc.rstrip("\n") + "\n" + real if real else doc)
 
 
 def main(argv=None):

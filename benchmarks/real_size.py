@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from benchmarks.bench import _CPU_SDPA, machine  # noqa: E402
 from dco import add_noise, alphas_cumprod, sample_noise, sample_timesteps  # noqa: E402
 from lora import UNET_ATTN, inject_lora, lora_modules, lora_parameters, lora_scale  # noqa: E402
-from sample import guided_eps  # noqa: E402
+from sample import decode as sample_decode, guided_eps  # noqa: E402
 from sdxl import RANDOM_CONFIGS, load_sdxl, randomize_  # noqa: E402
 from text_encoder import init_token  # noqa: E402
 from train import NewTokens, train_step  # noqa: E402
@@ -140,11 +140,20 @@ def main_job(resolution, checkpointing, steps):
         step()
         times.append(time.perf_counter() - t0)
     step_peak = proc_status("VmHWM")
-    return dict(resolution=resolution, checkpointing=checkpointing, build_s=build, vae_encode_s=vae_time,
+    decode_above = decode_s = decode_peak = None
+    if not checkpointing:  # train.py's samples at each checkpoint: the fp32 VAE decodes beside everything else
+        before_decode = reset_peak()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            sample_decode(sd, mean)
+        decode_s, decode_peak = time.perf_counter() - t0, proc_status("VmHWM")
+        decode_above = decode_peak - before_decode
+    return dict(decode_s=decode_s, decode_above=decode_above, resolution=resolution, checkpointing=checkpointing, build_s=build, vae_encode_s=vae_time,
                 times=times, weights=weights, lora_opt=lora_opt, process=mem["process"], build_peak=mem["build peak"],
                 models=mem["models"], vae_encode_above=mem["vae encode above models"], before_steps=before,
                 step_peak=step_peak, activations=step_peak - before - nbytes(trained),  # less the LoRA gradients
-                job_peak=max(mem["build peak"], step_peak, mem["models"] + mem["vae encode above models"]))
+                job_peak=max(mem["build peak"], step_peak, mem["models"] + mem["vae encode above models"],
+                             decode_peak or 0))
 
 
 def step_flops(resolution, checkpointing):
@@ -251,6 +260,7 @@ def guided_step(resolution, rounds):
         return e_empty + cfg_w * (e_base - e_empty) + wcon * (e_c - e_base)
 
     with torch.inference_mode():
+        unet(x[..., :8, :8], t, ctx[:1], pooled[:1], time_ids[:1])  # a small call first: kernels, allocator, caches
         times = interleaved({"ours": lambda: ours(x, t), "official": official}, rounds)
     return dict(times=times, resolution=resolution)
 
@@ -292,7 +302,7 @@ def report(results, args, elapsed):
              "the values); the UNet and text encoders in bf16, the VAE in fp32 (SDXL's VAE overflows in half "
              "precision), LoRA rank 32 on the 560 attention projections in fp32, AdamW, batch 1, CPU autocast bf16.",
              ""]
-    jobs = results.get("job", [])
+    jobs = sorted(results.get("job", []), key=lambda j: (j["resolution"], j["checkpointing"]))
     if jobs:
         w = jobs[0]["weights"]
         lines += [
@@ -309,19 +319,22 @@ def report(results, args, elapsed):
             f"{gib(w['text_encoder_2'])}, VAE {gib(w['vae'])} (fp32); LoRA + token rows with their gradients and "
             f"AdamW state {gib(jobs[0]['lora_opt'])}. Built in {', '.join('%.0f' % j['build_s'] for j in jobs)} s.",
             "",
-            "| resolution | grad. checkpointing | s / step | TFLOP / step | VAE encode | peak during steps | "
-            "of which activations | VAE-encode peak above the models | whole job peak | above the process |",
+            "| resolution | grad. checkpointing | s / step | TFLOP / step | peak during steps | "
+            "of which activations | VAE encode: time, peak above the models | VAE decode (samples): time, peak "
+            "above everything | whole job peak | above the process |",
             "|---|---|---|---|---|---|---|---|---|---|"]
         for j in jobs:
+            dec = "" if j.get("decode_s") is None else f"{j['decode_s']:.0f} s, {gib(j['decode_above'])}"
             lines.append(
                 f"| {j['resolution']}^2 | {'on' if j['checkpointing'] else 'off'} | {fmt_s(j['times'])} | "
-                f"{j['flops'] / 1e12:.1f} | {j['vae_encode_s']:.0f} s | {gib(j['step_peak'])} | "
-                f"{gib(j['activations'])} | {gib(j['vae_encode_above'])} | {gib(j['job_peak'])} | "
+                f"{j['flops'] / 1e12:.1f} | {gib(j['step_peak'])} | {gib(j['activations'])} | "
+                f"{j['vae_encode_s']:.0f} s, {gib(j['vae_encode_above'])} | {dec} | {gib(j['job_peak'])} | "
                 f"{gib(j['job_peak'] - j['process'])} |")
         lines += ["", "\"of which activations\": the peak during the steps minus the resident set just before them "
-                      "(models, LoRA, AdamW state), plus the LoRA gradients, which exist only inside a step. "
+                      "(models, LoRA, AdamW state), less the LoRA gradients (counted with the LoRA + optimizer state). "
                       "\"whole job peak\": the largest of the build, the VAE encode with every model resident (as "
-                      "train.py does it today) and the steps.", ""]
+                      "train.py does it today), the steps and (in the rows without checkpointing) the decode of a sample, "
+                      "which train.py runs at every checkpoint beside the models, LoRA and AdamW state.", ""]
     if "diffusers" in results:
         r = results["diffusers"]
         lines += ["### (r2) Ours vs diffusers' UNet2DConditionModel at real size", "",
@@ -362,10 +375,12 @@ def write_section(path, text):
 def main(argv=None):
     p = argparse.ArgumentParser(description="The main job at SDXL's real size (sdxl-random), measured on this machine.")
     p.add_argument("--model", default="sdxl-random", choices=["sdxl-random"], help="the model measured")
-    p.add_argument("--resolutions", type=int, nargs="+", default=[512, 1024], help="row (r1)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[1024, 512], help="row (r1)")
     p.add_argument("--steps", type=int, default=2, help="row (r1): measured steps after one warm-up step")
-    p.add_argument("--rounds", type=int, default=4, help="row (r2): measured rounds; row (r3) runs 2")
-    p.add_argument("--rows", nargs="+", default=["r1", "r2", "r3"], choices=["r1", "r2", "r3"])
+    p.add_argument("--rounds", type=int, default=4, help="row (r2): measured rounds after a warm-up round")
+    p.add_argument("--cg-rounds", type=int, default=2, help="row (r3): rounds (each 1024^2 call takes minutes here)")
+    p.add_argument("--rows", nargs="*", default=["r1", "r2", "r3"], choices=["r1", "r2", "r3"],
+                   help="rows to measure (none: rewrite the section from --json)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--json", default=str(ROOT / "docs" / "real_size.json"), help="the raw measurements")
@@ -386,11 +401,13 @@ def main(argv=None):
     start = time.perf_counter()
     results = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
     if "r1" in args.rows:
-        results["job"] = []
+        results["job"] = [j for j in results.get("job", []) if j["resolution"] not in args.resolutions]
         for res in args.resolutions:
             for ckpt in (0, 1):
                 r = child("job", res, ckpt, args.steps)
-                r["flops"] = step_flops(res, bool(ckpt))
+                key = f"{res}-{ckpt}"  # counted on the meta device, once: it depends on the shapes only
+                results.setdefault("flops", {})[key] = results.get("flops", {}).get(key) or step_flops(res, bool(ckpt))
+                r["flops"] = results["flops"][key]
                 results["job"].append(r)
                 print(f"  {res}^2 checkpointing {ckpt}: {fmt_s(r['times'])}/step, peak {gib(r['job_peak'])} GiB",
                       flush=True)
@@ -399,7 +416,7 @@ def main(argv=None):
         results["diffusers"] = child("diffusers", 256, args.rounds)
         Path(args.json).write_text(json.dumps(results, indent=1))
     if "r3" in args.rows:
-        results["guided"] = child("guided", 1024, 2)
+        results["guided"] = child("guided", 1024, args.cg_rounds)
         Path(args.json).write_text(json.dumps(results, indent=1))
     text = report(results, args, time.perf_counter() - start)
     print(text)
