@@ -211,16 +211,18 @@ def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
 @torch.no_grad()
 def randomize_(model, generator):
     """Random weights in place, in the model's own dtype (no fp32 copy of a 2.6 B-parameter model): matrices and
-    conv kernels N(0, 1/fan_in), so activations stay of order 1 through the deep stacks; norm gains 1, biases and
-    other vectors small noise."""
+    conv kernels uniform with variance 1/fan_in, so activations stay of order 1 through the deep stacks (uniform,
+    as PyTorch's own default init: a third faster to draw than a normal, which matters for 3.4 B numbers); norm
+    gains 1, biases and other vectors small noise."""
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
             if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and name == "weight":
                 p.fill_(1.0)
             elif p.ndim >= 2:
-                p.normal_(0.0, p[0].numel() ** -0.5, generator=generator)
+                bound = (3 / p[0].numel()) ** 0.5  # U(-b, b) has variance b^2 / 3
+                p.uniform_(-bound, bound, generator=generator)
             else:
-                p.normal_(0.0, 0.02, generator=generator)
+                p.uniform_(-0.03, 0.03, generator=generator)
     return model
 
 
