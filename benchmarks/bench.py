@@ -671,14 +671,13 @@ def main(argv=None):
     p.add_argument("--out", help="markdown report (default: docs/benchmarks.md for a full run; a --quick or --size "
                                  "run only prints, so it never overwrites the committed numbers)")
     p.add_argument("--peak-of", choices=["dco", "db"], help=argparse.SUPPRESS)  # internal: a CPU memory probe
-    p.add_argument("--real-size", action="store_true", help="the main job at SDXL's real size (sdxl-random): "
-                                                            "benchmarks/real_size.py, its own options after --")
-    args, rest = p.parse_known_args(argv)
-    if args.real_size:
+    p.add_argument("--real-size", action="store_true", help="the main job at SDXL's real size (sdxl-random): runs "
+                                                            "benchmarks/real_size.py with the other arguments")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--real-size" in argv:
         from benchmarks import real_size
-        return real_size.main([a for a in rest if a != "--"])
-    if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
+        return real_size.main([a for a in argv if a != "--real-size"])
+    args = p.parse_args(argv)
     device = torch.device(args.device)
     partial = args.quick or args.size is not None
     args.size = args.size or ("tiny" if args.quick else "sdxl" if device.type == "cuda" else "medium")

@@ -311,7 +311,7 @@ def report(results, args, elapsed):
             "train.py's work, phase by phase, in a fresh process per row: build the model, VAE-encode the image "
             "(cached), the token `<x>` in both encoders, then DCO steps that re-encode theta's prompt through both "
             "text encoders (the gradient reaches the new rows) and run phi (no grad) and theta (grad) through the "
-            f"UNet. Time: median (min-max) of {args.steps} steps after one warm-up step. Memory in GiB: peak resident "
+            f"UNet. Time: median (min-max) of {len(jobs[0]['times'])} step(s) after one warm-up step. Memory in GiB: peak resident "
             "set of the process; \"above the process\" subtracts what the process held before any model "
             f"existed ({gib(jobs[0]['process'])} GiB: Python and torch's libraries).",
             "",
