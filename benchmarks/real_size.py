@@ -134,11 +134,13 @@ def main_job(resolution, checkpointing, steps):
     state = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
     lora_opt = nbytes(trained) * 2 + nbytes(state)  # parameters, their gradients (during the step), AdamW state
     before = reset_peak()
-    times = []
+    times, cpu = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         times.append(time.perf_counter() - t0)
+        cpu.append((time.process_time() - c0) / torch.get_num_threads())  # less sensitive to other jobs
+
     step_peak = proc_status("VmHWM")
     decode_above = decode_s = decode_peak = None
     if not checkpointing:  # train.py's samples at each checkpoint: the fp32 VAE decodes beside everything else
@@ -148,7 +150,7 @@ def main_job(resolution, checkpointing, steps):
             sample_decode(sd, mean)
         decode_s, decode_peak = time.perf_counter() - t0, proc_status("VmHWM")
         decode_above = decode_peak - before_decode
-    return dict(decode_s=decode_s, decode_above=decode_above, resolution=resolution, checkpointing=checkpointing, build_s=build, vae_encode_s=vae_time,
+    return dict(cpu_times=cpu, decode_s=decode_s, decode_above=decode_above, resolution=resolution, checkpointing=checkpointing, build_s=build, vae_encode_s=vae_time,
                 times=times, weights=weights, lora_opt=lora_opt, process=mem["process"], build_peak=mem["build peak"],
                 models=mem["models"], vae_encode_above=mem["vae encode above models"], before_steps=before,
                 step_peak=step_peak, activations=step_peak - before - nbytes(trained),  # less the LoRA gradients
@@ -326,7 +328,8 @@ def report(results, args, elapsed):
         for j in jobs:
             dec = "" if j.get("decode_s") is None else f"{j['decode_s']:.0f} s, {gib(j['decode_above'])}"
             lines.append(
-                f"| {j['resolution']}^2 | {'on' if j['checkpointing'] else 'off'} | {fmt_s(j['times'])} | "
+                f"| {j['resolution']}^2 | {'on' if j['checkpointing'] else 'off'} | {fmt_s(j['times'])}"
+                + (f" (CPU time / threads {fmt_s(j['cpu_times'])})" if j.get("cpu_times") else "") + " | "
                 f"{j['flops'] / 1e12:.1f} | {gib(j['step_peak'])} | {gib(j['activations'])} | "
                 f"{j['vae_encode_s']:.0f} s, {gib(j['vae_encode_above'])} | {dec} | {gib(j['job_peak'])} | "
                 f"{gib(j['job_peak'] - j['process'])} |")
@@ -356,7 +359,15 @@ def report(results, args, elapsed):
                   "(the first of each includes warm-up).", "",
                   "| one batch-3 call | two calls (2 + 1) | ratio |", "|---|---|---|",
                   f"| {fmt_s(o)} | {fmt_s(d)} | {med([a / b for a, b in zip(o, d)]):.2f} |", ""]
-    lines += results.get("notes", [])
+    lines += ["### What differs on CUDA (not measured here)", "",
+              "No GPU was available for these rows; nothing here is a CUDA number. On CUDA, train.py's peak is "
+              "`torch.cuda.max_memory_allocated`, which counts live tensors only: not the CUDA context (about 0.5 "
+              "GiB on the card) nor the caching allocator's reserve above the live tensors; Python and torch's "
+              "libraries (\"the process\" above) live in host memory. The kernels differ too: flash / "
+              "memory-efficient attention keeps no attention matrix for the backward, cuDNN convolutions have their "
+              "own workspaces, and the VAE is moved off the GPU once the latents are cached (train.py's "
+              "`sd.vae.to(\"cpu\")`). `python -m benchmarks.bench` row (e) measures the UNet step on CUDA; "
+              "`python -m benchmarks.real_size --device cuda` is not implemented yet.", ""]
     return "\n".join(lines) + "\n"
 
 
