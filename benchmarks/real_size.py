@@ -295,11 +295,13 @@ def gib(n):
 
 
 def report(results, args, elapsed):
+    runs = results.get("runs", [])
     lines = [SECTION, "",
              f"Written by `benchmarks/real_size.py` on {datetime.date.today().isoformat()}: {machine(torch.device('cpu'))}, "
-             f"torch {torch.__version__}, {args.threads} threads (a machine shared with other jobs: times are wall "
-             f"time and noisy); the run took {elapsed / 60:.0f} min.", "",
-             f"    python -m benchmarks.real_size {' '.join(sys.argv[1:])}".rstrip(), "",
+             f"torch {torch.__version__}, {args.threads} threads, a machine shared with other jobs (times are wall "
+             "time, with the process's CPU time beside them where recorded; they rise with the other jobs' load, "
+             "memory does not). The rows come from these runs (raw numbers in docs/real_size.json):", "",
+             *[f"    {r['command']}    # rows {r['rows']}, {r['date']}, {r['minutes']:.0f} min" for r in runs], "",
              "`--model sdxl-random`: SDXL base's real configs with random weights (speed and memory do not depend on "
              "the values); the UNet and text encoders in bf16, the VAE in fp32 (SDXL's VAE overflows in half "
              "precision), LoRA rank 32 on the 560 attention projections in fp32, AdamW, batch 1, CPU autocast bf16.",
@@ -411,6 +413,10 @@ def main(argv=None):
         return
     start = time.perf_counter()
     results = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
+    if args.rows:  # which run measured which rows: a row measured again replaces the older run's
+        results["runs"] = [r for r in results.get("runs", []) if set(r["rows"].split(", ")) - set(args.rows)] + [
+            dict(command=" ".join(["python -m benchmarks.real_size", *(argv if argv is not None else sys.argv[1:])]),
+                 rows=", ".join(args.rows), date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), minutes=0)]
     if "r1" in args.rows:
         results["job"] = [j for j in results.get("job", []) if j["resolution"] not in args.resolutions]
         for res in args.resolutions:
@@ -428,6 +434,9 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(results, indent=1))
     if "r3" in args.rows:
         results["guided"] = child("guided", 1024, args.cg_rounds)
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.rows:
+        results["runs"][-1]["minutes"] = (time.perf_counter() - start) / 60
         Path(args.json).write_text(json.dumps(results, indent=1))
     text = report(results, args, time.perf_counter() - start)
     print(text)
