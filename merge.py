@@ -385,8 +385,9 @@ def main(argv=None):
     p.add_argument("loras", nargs="+", help="trainer output folders (or LoRA .safetensors files)")
     p.add_argument("--weights", nargs="+", type=float, help="one weight per LoRA (default: all 1)")
     p.add_argument("--output", help="folder for the merged LoRA (diffusers + kohya files, learned tokens)")
-    p.add_argument("--model", help="the base model (hub id, diffusers folder, single file, tiny); default: the LoRAs' "
-                                   "base_model metadata, else SDXL base. Only configs are read, unless --into-base")
+    p.add_argument("--model", help="the base model (hub id, diffusers folder, single file, tiny, sdxl-random); "
+                                   "default: the LoRAs' base_model metadata, else SDXL base. Only configs are read, "
+                                   "unless --into-base")
     p.add_argument("--into-base", metavar="FILE", help="bake the merged LoRA into a full UNet .safetensors (diffusers "
                                                        "names, like unet/diffusion_pytorch_model.safetensors)")
     p.add_argument("--dtype", default="fp16", choices=list(DTYPES), help="--into-base weights (default fp16, "

@@ -498,7 +498,8 @@ def main(argv=None):
     p.add_argument("--height", type=int, help="default: the model's own resolution, 1024 for SDXL (32 for tiny)")
     p.add_argument("--width", type=int, help="default: as --height")
     p.add_argument("--model", default="stabilityai/stable-diffusion-xl-base-1.0",
-                   help="hub repo id, local diffusers folder, single-file .safetensors, or tiny")
+                   help="hub repo id, local diffusers folder, single-file .safetensors, tiny, or sdxl-random "
+                        "(the real shapes, random weights: a dry run)")
     p.add_argument("--vae", help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
     p.add_argument("--out", default="out.png", help="the image (--n 1), else the grid, with the images beside it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

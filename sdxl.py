@@ -11,13 +11,17 @@ code without a dictionary. `model` may be
   * a single-file checkpoint from ComfyUI/A1111 (`sd_xl_base_1.0.safetensors`, Stability's original "SGM"
     names): converted by `single_file.py`; its configs and tokenizers come from `config_from` (the base hub
     repo by default: a few small files);
-  * "tiny": the tiny SDXL of tinyworld/ (same architecture, 32x32 images), which runs everything on a CPU.
+  * "tiny": the tiny SDXL of tinyworld/ (same architecture, 32x32 images), which runs everything on a CPU;
+  * "sdxl-random": the real SDXL base (its configs ship in configs/sdxl-base-1.0) with random weights and a
+    byte-level tokenizer, no download: a dry run of the real shapes ("will this fit my GPU, how fast?").
 Only `.safetensors` is ever read -- never a pickle, which could run arbitrary code.
 
 Run `python sdxl.py --model ID_OR_PATH` to download (or find) a model and print what was loaded.
 """
 import argparse
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,12 +30,14 @@ import errors
 import files
 import single_file
 from hub import CONFIG_FILES, MODEL_COMPONENTS, component_weight_files, download
-from text_encoder import CLIPTextModel, CLIPTokenizer, encode_prompt
+from text_encoder import CLIPTextModel, CLIPTokenizer, byte_level_vocab, encode_prompt
 from unet_loader import UNet
 from vae import AutoencoderKL, convert_legacy_vae_keys
 
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
-TINY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tinyworld", "model")  # --model tiny: CPU, 32x32
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = os.path.join(HERE, "tinyworld", "model")  # --model tiny: CPU, 32x32
+RANDOM, RANDOM_CONFIGS = "sdxl-random", os.path.join(HERE, "configs", "sdxl-base-1.0")  # the real configs, no weights
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
@@ -53,8 +59,9 @@ class SDXL:
 
 
 def model_path(model):
-    """`tiny` is the tiny SDXL shipped in tinyworld/model (same architecture, trained on the tiny world)."""
-    return TINY if str(model) == "tiny" else str(model)
+    """`tiny` is the tiny SDXL shipped in tinyworld/model (same architecture, trained on the tiny world);
+    `sdxl-random` is the folder of SDXL base's configs (all that code reading configs needs)."""
+    return {"tiny": TINY, RANDOM: RANDOM_CONFIGS}.get(str(model), str(model))
 
 
 def native_resolution(model):
@@ -156,6 +163,8 @@ def load_vae(source, device="cpu", dtype=torch.float32, vae_dtype=None):
 
 
 def _load_sdxl(model, device, dtype, vae_dtype, variant, config_from):
+    if str(model) == RANDOM:
+        return random_sdxl(device, dtype, vae_dtype)
     model = model_path(model)
     if model.endswith(PICKLE_SUFFIXES):
         raise ValueError(f"--model {model}: pickle checkpoints can run arbitrary code when loaded; dco reads only "
@@ -227,10 +236,69 @@ def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
     )
 
 
+# ----------------------------------------------------------------------------------------------------------
+# "sdxl-random": the real shapes with random weights
+
+@torch.no_grad()
+def randomize_(model, generator):
+    """Random weights in place, in the model's own dtype (no fp32 copy of a 2.6 B-parameter model): matrices and
+    conv kernels uniform with variance 1/fan_in, so activations stay of order 1 through the deep stacks (uniform,
+    as PyTorch's own default init: a third faster to draw than a normal, which matters for 3.4 B numbers); norm
+    gains 1, biases and other vectors small noise."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and name == "weight":
+                p.fill_(1.0)
+            elif p.ndim >= 2:
+                bound = (3 / p[0].numel()) ** 0.5  # U(-b, b) has variance b^2 / 3
+                p.uniform_(-bound, bound, generator=generator)
+            else:
+                p.uniform_(-0.03, 0.03, generator=generator)
+    return model
+
+
+def build_random(cls, config, device, dtype, generator, **kwargs):
+    """Constructed on the meta device and cast there (free), given memory on `device` in the target dtype, filled
+    in place: the peak is the model's own size."""
+    with torch.device("meta"):
+        model = cls(config, **kwargs).to(dtype)
+    return randomize_(model.to_empty(device=device), generator).eval().requires_grad_(False)
+
+
+def random_sdxl(device="cpu", dtype=torch.float32, vae_dtype=None, seed=0):
+    """SDXL base with random weights: every real config (configs/sdxl-base-1.0, the hub repo's files), the real
+    49,408-row token tables, and a byte-level tokenizer with CLIP's ids (text_encoder.byte_level_vocab)."""
+    start, folder = time.perf_counter(), RANDOM_CONFIGS
+    configs = {c: read_json(os.path.join(folder, c, "config.json"), "") for c in MODEL_COMPONENTS}
+    index = read_json(os.path.join(folder, "model_index.json"), "")
+    if vae_dtype is None:
+        vae_dtype = torch.float32 if configs["vae"].get("force_upcast", True) else dtype
+    g = torch.Generator(device).manual_seed(seed)
+    tokenizer, tokenizer_2 = (CLIPTokenizer.from_folder(os.path.join(folder, t), byte_level_vocab(), [])
+                              for t in ("tokenizer", "tokenizer_2"))
+    sd = SDXL(
+        unet=build_random(UNet, configs["unet"], device, dtype, g),
+        vae=build_random(AutoencoderKL, configs["vae"], device, vae_dtype, g),
+        text_encoder=build_random(CLIPTextModel, configs["text_encoder"], device, dtype, g,
+                                  eos_token_id=tokenizer.eos_token_id),
+        text_encoder_2=build_random(CLIPTextModel, configs["text_encoder_2"], device, dtype, g,
+                                    eos_token_id=tokenizer_2.eos_token_id),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        scheduler=read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), ""),
+        force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
+        source=RANDOM,
+    )
+    # Said every time: a user must never mistake these images or LoRAs for a real model's.
+    print(f"sdxl-random: SDXL base's real shapes with RANDOM weights, built in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
+    return sd
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Download (or find) an SDXL model and report what was loaded.")
     p.add_argument("--model", default=SDXL_BASE, help="hub repo id, local diffusers folder, single-file "
-                                                      ".safetensors, or tiny")
+                                                      ".safetensors, tiny, or sdxl-random")
     p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
     args = p.parse_args()
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]

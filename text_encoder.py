@@ -107,6 +107,19 @@ def _split_on(text: str, tokens: dict[str, int]) -> list:
     return out + ([text[start:]] if start < len(text) else [])
 
 
+def byte_level_vocab(size=49408) -> dict[str, int]:
+    """CLIP's id space with only its byte-level base: the first 512 ids are exactly the real vocabulary's (the 256
+    byte symbols, then the same with `</w>`, in bytes_to_unicode order), the last two are <|startoftext|> 49406 and
+    <|endoftext|> 49407, and the ids in between hold placeholders no text can produce. With no merges every
+    character is one token. For models with random weights (sdxl.py's "sdxl-random"): the token table, the ids
+    and the sequence length are the real ones; which ids a word maps to does not matter when no row means anything.
+    """
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols]
+    tokens += [f"<|unused-{i}|>" for i in range(len(tokens), size - 2)] + ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(tokens)}
+
+
 class CLIPTokenizer:
     """CLIP's byte-level BPE with `</w>` end-of-word marks, matching transformers' CLIPTokenizer."""
 
@@ -128,15 +141,17 @@ class CLIPTokenizer:
         self.cache: dict[str, list[int]] = {}
 
     @classmethod
-    def from_folder(cls, path) -> "CLIPTokenizer":
-        """Read a hub tokenizer folder: vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
+    def from_folder(cls, path, vocab=None, merges=None) -> "CLIPTokenizer":
+        """Read a hub tokenizer folder: vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json.
+        `vocab` and `merges`, when given, stand in for the first two files (see byte_level_vocab)."""
         path = Path(path)
-        for name in ("vocab.json", "merges.txt"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} not found: pass a hub tokenizer folder (tokenizer*/)")
-        vocab = read_json(path / "vocab.json")  # malformed: a ValueError naming the file
-        lines = read_text(path / "merges.txt").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        if vocab is None:
+            for name in ("vocab.json", "merges.txt"):
+                if not (path / name).is_file():
+                    raise FileNotFoundError(f"{path / name} not found: pass a hub tokenizer folder (tokenizer*/)")
+            vocab = read_json(path / "vocab.json")  # malformed: a ValueError naming the file
+            lines = read_text(path / "merges.txt").splitlines()
+            merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         config = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):  # the second one wins, as in transformers
             if (path / name).is_file():

@@ -7,6 +7,7 @@
     (e) CUDA only: the real-size SDXL DCO step at 1024^2 in bf16 (time, peak memory with and without gradient
         checkpointing, achieved TFLOP/s) and a 30-step consistency-guided 1024^2 sample.
 
+`--real-size` runs benchmarks/real_size.py instead: the whole main job at SDXL's real size on any device.
 Prints a table; a full run writes docs/benchmarks.md (a --quick or --size run only prints, unless --out is given). Models are built with random weights (speed does not depend on the
 values): the real SDXL configs on CUDA, a "medium" SDXL-shaped family on CPU (see SIZES), a tiny one for --quick.
 Timing: the variants of a row run interleaved (A B, B A, ...) after warm-up; medians and the min-max spread are
@@ -655,7 +656,9 @@ about 10% slower on this CPU); torch.compile on CPU (minutes of compiling for th
 
 {chr(10).join(res.sections)}"""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(doc)
+    old = Path(path).read_text() if Path(path).exists() else ""
+    real = old[old.find("\n## Real size\n"):] if "\n## Real size\n" in old else ""  # real_size.py's section: kept
+    Path(path).write_text(doc.rstrip("\n") + "\n" + real if real else doc)
 
 
 def main(argv=None):
@@ -670,6 +673,12 @@ def main(argv=None):
     p.add_argument("--out", help="markdown report (default: docs/benchmarks.md for a full run; a --quick or --size "
                                  "run only prints, so it never overwrites the committed numbers)")
     p.add_argument("--peak-of", choices=["dco", "db"], help=argparse.SUPPRESS)  # internal: a CPU memory probe
+    p.add_argument("--real-size", action="store_true", help="the main job at SDXL's real size (sdxl-random): runs "
+                                                            "benchmarks/real_size.py with the other arguments")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--real-size" in argv:
+        from benchmarks import real_size
+        return real_size.main([a for a in argv if a != "--real-size"])
     args = p.parse_args(argv)
     device = torch.device(args.device)
     partial = args.quick or args.size is not None

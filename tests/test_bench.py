@@ -89,3 +89,30 @@ def test_gpu_rows_run(monkeypatch):
     assert "peak 3.00 GiB" in res.rows[0]["note"] and "% of NVIDIA H100" in res.rows[0]["note"]
     assert all(re.match(r"[\d.]+ m?s", r["ours"]) for r in res.rows)
     assert bench.gpu_bf16_peak("NVIDIA H100 PCIe") == 756e12 and bench.gpu_bf16_peak("Tesla T4") is None
+
+
+def test_real_size_section_replaced_in_place_and_kept_by_a_bench_run(tmp_path):
+    """benchmarks/real_size.py owns the "## Real size" section of docs/benchmarks.md: it replaces only that section,
+    and a full bench.py run, which rewrites the file, keeps it."""
+    from benchmarks import real_size
+
+    path = tmp_path / "benchmarks.md"
+    path.write_text("# Benchmarks\n\nold numbers\n")
+    real_size.write_section(path, "## Real size\n\nfirst\n")
+    real_size.write_section(path, "## Real size\n\nsecond\n")
+    assert path.read_text() == "# Benchmarks\n\nold numbers\n\n## Real size\n\nsecond\n"
+    args = types.SimpleNamespace(size="tiny", threads=1, compile=False, repeats=1, warmup=0)
+    bench.write_report(path, bench.Results(), args, torch.device("cpu"), 1.0)
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nWritten by `benchmarks/bench.py`") and "old numbers" not in text
+    assert text.endswith("\n## Real size\n\nsecond\n") and text.count("## Real size") == 1
+
+
+def test_bench_real_size_runs_real_size_with_its_arguments(tmp_path):
+    out, raw = tmp_path / "b.md", tmp_path / "r.json"
+    raw.write_text(json.dumps({"diffusers": {"resolution": 256, "max_abs_diff": 0.0,
+                                             "forward": {"ours": [1.0], "diffusers": [2.0]},
+                                             "backward": {"ours": [3.0], "diffusers": [3.0]}}}))
+    bench.main(["--real-size", "--rows", "--json", str(raw), "--out", str(out)])  # no rows: report from --json
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| UNet forward") or "backward to" in line]
+    assert rows == ["| UNet forward | 1 s | 2 s | 0.50 |", "| forward + backward to the input | 3 s | 3 s | 1.00 |"]
