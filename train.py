@@ -44,7 +44,7 @@ from dco import (add_noise, alphas_cumprod, check_scheduler_config, dco_loss, di
                  prior_preservation_loss, relative_dco_loss, sample_noise, sample_timesteps, training_target)
 from files import DTYPES, read_json, read_text, save_image, sha256, write_json
 from lora import UNET_ATTN, inject_lora, lora_modules, lora_parameters, lora_scale
-from sample import generate
+from sample import decode, generate_latents, to_pil
 from sdxl import SDXL_BASE, load_sdxl, native_resolution
 from text_encoder import init_token
 from vae import latent_dist_sample
@@ -73,8 +73,8 @@ def parse_args(argv=None):
                    "and crop (SDXL's training), or always (R, R, 0, 0, R, R) (the official code)")
     g = p.add_argument_group("model and output")
     g.add_argument("--model", default=SDXL_BASE, help="hub id, diffusers folder, single-file .safetensors, sdxl-random "
-                   "(the real shapes, random weights: a dry run of memory and speed), or tiny "
-                                                      "(the tiny SDXL of tinyworld/: a real run on a CPU)")
+                   "(the real shapes, random weights: a dry run of memory and speed), or tiny (the tiny SDXL of "
+                   "tinyworld/: a real run on a CPU)")
     g.add_argument("--output", help="output folder (default: output/<images folder or config name>)")
     g.add_argument("--device", help="default: cuda if available, else cpu")
     g.add_argument("--vae", help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix for fp16")
@@ -455,13 +455,15 @@ def class_images(sd, args, out, prompt, generate=True):
 
 
 def generate_images(sd, prompts, args, seed):
-    """Images from the model as it is now (sample.py: Euler, CFG 5), with the VAE brought back for decoding."""
-    vae_device = next(sd.vae.parameters()).device
-    sd.vae.to(next(sd.unet.parameters()).device)
+    """Images from the model as it is now (sample.py: Euler, CFG 5). For decoding the VAE comes back to the device
+    and the UNet steps aside: a 1024^2 decode takes GBs (no-ops on a CPU)."""
+    device, vae_device = next(sd.unet.parameters()).device, next(sd.vae.parameters()).device
     with torch.no_grad():
-        images = generate(sd, prompts, height=args.resolution, width=args.resolution, steps=args.sample_steps,
-                          seed=seed, progress=False)
-    sd.vae.to(vae_device)
+        latents = generate_latents(sd, prompts, height=args.resolution, width=args.resolution,
+                                   steps=args.sample_steps, seed=seed, progress=False)
+        sd.unet.to("cpu"), sd.vae.to(device)
+        images = to_pil(decode(sd, latents))
+    sd.vae.to(vae_device), sd.unet.to(device)
     return images
 
 
@@ -477,7 +479,10 @@ def save_samples(sd, args, out, step, captions, tokens):
 def make_caches(sd, args, *, images, paths, class_paths, captions, base_prompts, class_prompt, embeds, amp, device):
     """-> TrainData: the latent Gaussians of the images, phi's encoded base prompts, db-prior's class prompt. Under
     torchrun every process builds the same caches itself: they are small next to the model every GPU holds anyway."""
+    device_of_unet = next(sd.unet.parameters()).device
+    sd.unet.to("cpu")  # off the GPU while the VAE encodes at full resolution (GBs of activations); no-op on a CPU
     means, logvars = encode_images(sd.vae, [x for x, _ in images])
+    sd.unet.to(device_of_unet)
     crops = None
     if args.crop == "random" or args.random_flip:  # then the VAE stays: each new crop is encoded when first drawn
         crops = CropCache(sd.vae, paths + class_paths, args.resolution, args.resample, args.crop == "random",
@@ -645,6 +650,7 @@ def train(args, loss_fn=None):
     if master:
         checkpoint.preflight(out, class_dir if args.loss == "db-prior" else None)  # before loading the model
     mp, dtype, amp = precision(args, device)  # the training dtype, and autocast to it (or nothing in fp32)
+    flush_denormals(args)
     prior = {"prior_weight": args.prior_weight} if args.loss == "db-prior" else {}
     loss_fn = functools.partial(loss_fn or LOSSES["dco-relative" if args.relative_reward else args.loss],
                                 beta=args.beta, **prior)
@@ -718,6 +724,15 @@ def train(args, loss_fn=None):
         lock.release()
         print_resources(times, device)
     return {"sd": sd, "out": out, "embeds": embeds}
+
+
+def flush_denormals(args):
+    """--model sdxl-random: random weights saturate DCO's loss in the first steps (beta 1000), and then every
+    gradient is a denormal float, which x86 CPUs compute many times slower (9x in a microbenchmark): flush them to
+    zero so the dry run times the real work. Process-wide and it changes the last bits, so only for the random model
+    (a real run keeps the exact arithmetic that --resume and the tests reproduce bit for bit)."""
+    if args.model == "sdxl-random":
+        torch.set_flush_denormal(True)
 
 
 def precision(args, device):
@@ -865,8 +880,4 @@ def resume_hint(args):
 
 
 if __name__ == "__main__":
-    # Once DCO's loss saturates (beta 1000: the first steps at real size), its gradients are denormal floats, which
-    # x86 CPUs compute many times slower. Flushing them to zero changes nothing else. (Process-wide, so set here and
-    # not in main(), which tests call in-process.)
-    torch.set_flush_denormal(True)
     main()
