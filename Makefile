@@ -2,8 +2,9 @@
 # environment (.venv, unless one is already active), torch, the requirements.
 #   make demo   train a DCO LoRA on the shipped tiny SDXL and write a consistency-guidance grid (~2 min on 2 CPU cores)
 #   make test   the test suite (what CI runs)
-# TORCH: what to install for torch when it is missing. The default is the CPU wheel this project is tested with;
-# on a CUDA machine pass e.g. TORCH=torch (PyPI's Linux wheels carry CUDA).
+# TORCH: what to install for torch when it is missing: the version this project is tested with (here pip finds its
+# CPU wheel locally; PyPI's Linux wheel carries CUDA: for the CPU build elsewhere pass
+# TORCH="torch --index-url https://download.pytorch.org/whl/cpu"), or plain torch where nvidia-smi exists.
 
 VENV ?= .venv
 PYTHON := $(if $(VIRTUAL_ENV),python,$(VENV)/bin/python)

@@ -33,7 +33,8 @@ CONFIG_FILE, LOG_FILE = "train_config.json", "log.jsonl"
 # The global batch (processes x batch size x grad-accum) defines each step's draws (train.get_batch); how it is split
 # over processes and micro-batches does not, so a run may resume on another number of GPUs with the same global batch.
 FIXED_ON_RESUME = ("model", "loss", "rank", "alpha", "resolution", "global_batch_size", "seed", "tokens", "init_words",
-                   "captions", "base_prompts", "offset_noise", "crop", "random_flip", "resample", "time_ids", "pool")
+                   "captions", "base_prompts", "offset_noise", "crop", "random_flip", "resample", "time_ids", "pool",
+                   "num_class_images", "class_prompt")
 LOCK_FILE = ".lock"
 
 
@@ -45,7 +46,7 @@ def checkpoints(out):
     return [(s, os.path.join(out, f"checkpoint-{s}")) for s in steps]
 
 
-def check_run_folder(out, config, resume, steps):
+def check_run_folder(out, config, resume, steps, master=True):
     """Before anything is written: a new run needs a fresh folder (or one whose run stopped before its first
     checkpoint: it starts again); --resume needs a checkpoint, no more steps than --steps, and the settings and images
     of the run it continues. Returns the checkpoint to resume from (or None)."""
@@ -58,11 +59,15 @@ def check_run_folder(out, config, resume, steps):
         if os.path.exists(config_path) and (found or finished):
             raise ValueError(f"{out} already holds a training run: pass --resume to continue it, or another "
                              "--output (or delete it)")
-        if os.path.exists(config_path):  # stopped before its first checkpoint: nothing to keep, start it again
+        if os.path.exists(config_path) and master:  # stopped before its first checkpoint: start it again
             print(f"notice: {out} holds a run that stopped before its first checkpoint; starting it again",
                   file=sys.stderr)
             truncate_log(out, 0)
         return None
+    if not found and os.path.exists(os.path.join(out, PEFT_FILE)) and \
+            not os.path.exists(os.path.join(out, FINAL_INCOMPLETE)):
+        raise ValueError(f"--resume: {out} holds a finished run without checkpoints (--checkpoint-every 0): there "
+                         "is nothing to resume; start a new run with another --output")
     if not found:
         raise ValueError(f"--resume: no checkpoint-<step> folder in {out}" + (
             ": the run stopped before its first checkpoint; run the same command without --resume to start it again"

@@ -258,6 +258,8 @@ def official_tokens(config, name):
         raise FileNotFoundError(f"--config {config}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--config {config}: not valid JSON ({e})") from None
+    if not isinstance(configs, dict) or not all(isinstance(c, dict) for c in configs.values()):
+        raise ValueError(f"--config {config}: expected the official format, {{name: {{images, prompts, ...}}}}")
     if name not in configs:
         raise ValueError(f"--config-name {name}: not in {config} (it has {', '.join(configs)})")
     tokens, words = configs[name].get("inserting_tokens", []), configs[name].get("initializer_tokens", [])

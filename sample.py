@@ -391,7 +391,8 @@ def lora_pooling(path):
     if path is None or not path.endswith(".safetensors"):
         return None
     with open_safetensors(path) as f:
-        return (f.metadata() or {}).get("pool")
+        meta = f.metadata() or {}
+    return meta.get("pool") or ("eos" if "loss" in meta else None)  # train.py writes 'pool' only for argmax
 
 
 def lora_method(path):

@@ -136,12 +136,16 @@ def parse_args(argv=None):
         raise ValueError(f"--alpha {args.alpha}: must be > 0 (the LoRA's scale is alpha / rank; leave it out for 1)")
     if args.relative_reward and args.loss != "dco":
         raise ValueError(f"--relative-reward is an option of DCO's loss, not of --loss {args.loss}")
+    if args.relative_reward and args.snr_gamma:  # r / l_phi divides the weights out: they would change nothing
+        raise ValueError("--snr-gamma has no effect with --relative-reward (the weights cancel in r / l_phi): "
+                         "use one of them")
     if args.snr_gamma is not None and args.snr_gamma <= 0:
         raise ValueError(f"--snr-gamma {args.snr_gamma:g}: must be > 0 (5 in Hang et al. 2023), or left out")
     if args.seed < 0 or args.checkpoint_every < 0 or args.sample_steps < 0 or args.lr_warmup < 0:
         raise ValueError("--seed, --checkpoint-every, --sample-steps and --lr-warmup must be >= 0")
     errors.check_finite(beta=args.beta, lr=args.lr, ti_lr=args.ti_lr, weight_decay=args.weight_decay, alpha=args.alpha,
-                        grad_clip=args.grad_clip, offset_noise=args.offset_noise, prior_weight=args.prior_weight)
+                        grad_clip=args.grad_clip, offset_noise=args.offset_noise, prior_weight=args.prior_weight,
+                        snr_gamma=args.snr_gamma)
     if args.device:
         errors.check_device(args.device)
     return args
@@ -188,9 +192,15 @@ def read_data(args):
         if not os.path.isfile(args.config):
             raise FileNotFoundError(f"--config {args.config}: no such file")
         configs = read_json(args.config)
+        if not isinstance(configs, dict) or not all(isinstance(c, dict) for c in configs.values()):
+            raise ValueError(f"--config {args.config}: expected the official format, "
+                             "{name: {images, prompts, ...}}")
         if args.config_name not in configs:
             raise ValueError(f"--config-name {args.config_name}: not in {args.config} (it has {', '.join(configs)})")
         cfg, here = configs[args.config_name], os.path.dirname(os.path.abspath(args.config))
+        missing = [k for k in ("images", "prompts") if not isinstance(cfg.get(k), list)]
+        if missing:
+            raise ValueError(f"--config {args.config}: '{args.config_name}' needs the list(s) {', '.join(missing)}")
         # Official paths are relative to the repo root (the working directory); else try the config's folder.
         paths = [p if os.path.exists(p) else os.path.join(here, p) for p in cfg["images"]]
         for p in paths:
@@ -450,17 +460,18 @@ def class_images(sd, args, out, prompt, generate=True):
         raise ValueError(f"{folder} holds class images of another prompt/model/resolution; pass another --class-dir")
     write_json(info_path, info)
     for i in tqdm([i for i, p in enumerate(paths) if not os.path.exists(p)], desc="class images"):
-        save_image(generate_images(sd, [prompt], args, seed=args.seed + i)[0], paths[i])
+        (image,) = generate_images(sd, [prompt], args, seed=args.seed + i, steps=args.sample_steps or 25)
+        save_image(image, paths[i])
     return paths
 
 
-def generate_images(sd, prompts, args, seed):
+def generate_images(sd, prompts, args, seed, steps=None):
     """Images from the model as it is now (sample.py: Euler, CFG 5). For decoding the VAE comes back to the device
     and the UNet steps aside: a 1024^2 decode takes GBs (no-ops on a CPU)."""
     device, vae_device = next(sd.unet.parameters()).device, next(sd.vae.parameters()).device
     with torch.no_grad():
         latents = generate_latents(sd, prompts, height=args.resolution, width=args.resolution,
-                                   steps=args.sample_steps, seed=seed, progress=False)
+                                   steps=steps or args.sample_steps, seed=seed, progress=False)
         sd.unet.to("cpu"), sd.vae.to(device)
         images = to_pil(decode(sd, latents))
     sd.vae.to(vae_device), sd.unet.to(device)
@@ -665,7 +676,7 @@ def train(args, loss_fn=None):
               "alpha": args.alpha or float(args.rank), "tokens": tokens, "init_words": inits, "images": paths,
               "image_sha256": [sha256(p) for p in paths], "captions": captions, "base_prompts": base_prompts,
               "world_size": world_size, "global_batch_size": world_size * args.batch_size * args.grad_accum}
-    resume_from = checkpoint.check_run_folder(out, config, args.resume, args.steps)  # before anything is written
+    resume_from = checkpoint.check_run_folder(out, config, args.resume, args.steps, master)  # before any write
     barrier()  # every process has checked the folder before rank 0 writes to it
     lock = checkpoint.start_run(out, config) if master else None  # the folder, its lock and train_config.json
     meta = lora_metadata(args, config)

@@ -515,3 +515,29 @@ def test_a_cut_off_final_save_without_checkpoints_starts_again(tmp_path, capsys)
     (out / files.FINAL_INCOMPLETE).touch()
     assert checkpoint.check_run_folder(str(out), {}, False, 4) is None
     assert "starting it again" in capsys.readouterr().err
+
+
+def test_review_cases_are_one_line(tiny_sdxl, tmp_path):
+    """Cases found in review: db-prior with --sample-steps 0 generates its class images all the same; --snr-gamma with
+    --relative-reward (the weights cancel) and a non-finite --snr-gamma are refused; a --config that is not the
+    official format is one line; --resume of a run finished without checkpoints says there is nothing to resume."""
+    import train
+    from test_train import argv, make_images, run
+
+    images = make_images(tmp_path / "dog")
+    run(*argv(images, tiny_sdxl[0], tmp_path / "prior"), "--steps", "1", "--loss", "db-prior", "--num-class-images",
+        "2", "--checkpoint-every", "0", "--sample-steps", "0")
+    assert len(list((tmp_path / "prior" / "class_images").glob("*.png"))) == 2
+    for extra, words in ((["--relative-reward", "--snr-gamma", "5"], "no effect"),
+                         (["--snr-gamma", "nan"], "--snr-gamma nan")):
+        with pytest.raises(ValueError, match=words):
+            train.parse_args(argv(images, tiny_sdxl[0], tmp_path / "x") + extra)
+    config = tmp_path / "config.json"
+    for text in ("[1, 2]", '{"a": {"prompts": []}}'):
+        config.write_text(text)
+        with pytest.raises(SystemExit) as e:
+            train.main(["--config", str(config), "--config-name", "a", "--model", str(tiny_sdxl[0])])
+        assert str(e.value.code).startswith("error: --config") and "\n" not in str(e.value.code)
+    run(*argv(images, tiny_sdxl[0], tmp_path / "done"), "--steps", "1", "--checkpoint-every", "0")
+    with pytest.raises(ValueError, match="nothing to resume"):
+        run(*argv(images, tiny_sdxl[0], tmp_path / "done"), "--steps", "2", "--checkpoint-every", "0", "--resume")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -153,7 +154,10 @@ def test_build_time_and_peak_memory(runs):
     for name, (rss, build, _) in RUNS.items():
         assert rss <= MAX_RSS, f"{name}: peak RSS {rss / GiB:.2f} GiB"
         if name.startswith(("train", "sample")):
-            assert build is not None and build <= MAX_BUILD, f"{name}: built in {build} s"
+            assert build is not None, f"{name}: no build time reported"
+            if build > MAX_BUILD:  # a target of the benchmark, not a timed test (the issue): say it, do not fail
+                warnings.warn(f"{name}: the random real-size model built in {build:.0f} s "
+                              f"(target <= {MAX_BUILD:.0f} s)")
 
 
 def test_train_writes_real_size_files(runs):
