@@ -22,8 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ACTIVATIONS = {"gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-               "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
+from text_encoder import ACTIVATIONS, CLIPMLP  # the same fc1 -> activation -> fc2 MLP as CLIP's, same key names
 
 
 class Attention(nn.Module):
@@ -54,15 +53,6 @@ class LayerScale(nn.Module):
         return x * self.lambda1
 
 
-class MLP(nn.Module):
-    def __init__(self, dim, hidden, act):
-        super().__init__()
-        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), ACTIVATIONS[act]
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
 class SwiGLU(nn.Module):
     """ViT-g's MLP: silu(x W_gate) * (x W_up), then W_out. The hub stores W_gate and W_up stacked as `weights_in`
     (gate first), as the original DINOv2 code computes both with one matmul. Hidden width: 2/3 of mlp_ratio * dim
@@ -87,7 +77,8 @@ class Layer(nn.Module):
         self.layer_scale1 = LayerScale(C)
         self.norm2 = nn.LayerNorm(C, eps=eps)
         ratio = config.get("mlp_ratio", 4)
-        self.mlp = SwiGLU(C, ratio) if config.get("use_swiglu_ffn") else MLP(C, int(C * ratio), config["hidden_act"])
+        swiglu = config.get("use_swiglu_ffn")
+        self.mlp = SwiGLU(C, ratio) if swiglu else CLIPMLP(C, int(C * ratio), config["hidden_act"])
         self.layer_scale2 = LayerScale(C)
 
     def forward(self, x):

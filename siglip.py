@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from text_encoder import ACTIVATIONS, CLIPAttention, CLIPMLP  # SigLIP's towers are CLIP's blocks without the mask
 # ----------------------------------------------------------------------------------------------------------------
 # spiece.model: a serialized sentencepiece ModelProto (sentencepiece/src/sentencepiece_model.proto). We need the
 # pieces (string, score, type), the model type and byte_fallback from the trainer spec, and the normalizer spec.
@@ -295,31 +296,9 @@ class SiglipTokenizer:
 # ----------------------------------------------------------------------------------------------------------------
 # The two towers: pre-LayerNorm transformer blocks, the same for text and image.
 
-ACTIVATIONS = {"gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"), "gelu": F.gelu,
-               "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x)}
-
-
-class SelfAttention(nn.Module):
-    def __init__(self, dim, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v)  # no mask, not causal
-        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
-
-
-class MLP(nn.Module):
-    def __init__(self, dim, hidden, act):
-        super().__init__()
-        self.fc1, self.fc2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), ACTIVATIONS[act]
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
+# CLIP's attention (here without the causal mask: no mask at all) and CLIP's two-layer MLP, with the same key names.
+def SelfAttention(dim, n_heads):
+    return CLIPAttention(dim, n_heads, causal=False)
 
 
 class EncoderLayer(nn.Module):
@@ -327,7 +306,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         C, eps = c["hidden_size"], c["layer_norm_eps"]
         self.layer_norm1, self.self_attn = nn.LayerNorm(C, eps=eps), SelfAttention(C, c["num_attention_heads"])
-        self.layer_norm2, self.mlp = nn.LayerNorm(C, eps=eps), MLP(C, c["intermediate_size"], c["hidden_act"])
+        self.layer_norm2, self.mlp = nn.LayerNorm(C, eps=eps), CLIPMLP(C, c["intermediate_size"], c["hidden_act"])
 
     def forward(self, x):
         x = x + self.self_attn(self.layer_norm1(x))
@@ -388,7 +367,7 @@ class AttentionPoolingHead(nn.Module):
         self.probe = nn.Parameter(torch.zeros(1, 1, C))
         self.attention = MultiheadAttention(C, c["num_attention_heads"])
         self.layernorm = nn.LayerNorm(C, eps=c["layer_norm_eps"])
-        self.mlp = MLP(C, c["intermediate_size"], c["hidden_act"])
+        self.mlp = CLIPMLP(C, c["intermediate_size"], c["hidden_act"])
 
     def forward(self, x):
         y = self.attention(self.probe.expand(len(x), -1, -1), x)

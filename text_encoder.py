@@ -222,20 +222,25 @@ class CLIPTokenizer:
 # ----------------------------------------------------------------------------------------------------------------
 # Text transformer: pre-LayerNorm GPT-style blocks with a causal mask, learned absolute positions.
 
-ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu}
+# The activations of the transformer towers here and in the scorers (siglip.py, dinov2.py), by their config names.
+ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu,
+               "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, dim: int, n_heads: int):
+    """Multi-head self-attention with q/k/v/out projections. CLIP's text tower is causal; SigLIP's towers reuse this
+    module with causal=False (every token sees every token)."""
+
+    def __init__(self, dim: int, n_heads: int, causal: bool = True):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.causal = n_heads, causal
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x):
         B, T, C = x.shape
         q, k, v = (proj(x).view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # a token sees itself and earlier tokens only
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # causal: itself and earlier tokens only
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
