@@ -53,6 +53,12 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 def parse_args(argv=None):
+    """The command line -> checked arguments (every error is a ValueError naming the flag)."""
+    return check_args(parser().parse_args(argv))
+
+
+def parser():
+    """The flags of the method: data, model, loss, LoRA and optimisation; then those of the run."""
     p = argparse.ArgumentParser(description="Train a DCO LoRA (+ a new token) on SDXL.")
     g = p.add_argument_group("data")
     g.add_argument("--images", help="folder of training images; a caption per image in NAME.txt beside NAME.jpg")
@@ -101,6 +107,12 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=1e-4)
     g.add_argument("--grad-clip", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    add_run_flags(p)
+    return p
+
+
+def add_run_flags(p):
+    """The flags of the run: speed and memory, checkpoints and samples, db-prior's class images."""
     g = p.add_argument_group("speed and memory")
     g.add_argument("--mixed-precision", choices=["bf16", "fp16", "no"], help="default: bf16 on GPU, no on CPU")
     g.add_argument("--gradient-checkpointing", action="store_true")
@@ -118,7 +130,10 @@ def parse_args(argv=None):
     g.add_argument("--num-class-images", type=int, default=100)
     g.add_argument("--prior-weight", type=float, default=1.0)
     g.add_argument("--class-dir", help="cache of generated class images (default: <output>/class_images)")
-    args = p.parse_args(argv)
+
+
+def check_args(args):
+    """Refuse what cannot train, in one line naming the flag, before anything is loaded; fill in the resolution."""
     if not (args.images or args.config):
         raise ValueError("pass --images DIR (or --config FILE --config-name NAME)")
     if bool(args.config) != bool(args.config_name):
