@@ -384,25 +384,20 @@ def has_bundled_tokens(path):
         return any(k.startswith(BUNDLE) for k in f.keys())
 
 
-def lora_pooling(path):
-    """The text-encoder pooling a LoRA from train.py was trained with ('eos' or 'argmax', its 'pool' metadata);
-    None when unknown (then EOS, SDXL's own)."""
+def lora_metadata(path) -> dict:
+    """The safetensors metadata of a LoRA (folder or file): train.py records its recipe there, e.g. 'loss' (dco,
+    db, db-prior; written into the PNGs as 'method', so eval.py can group a sweep) and 'pool' (argmax only)."""
     path = find_lora_files(path)[0]
     if path is None or not path.endswith(".safetensors"):
-        return None
+        return {}
     with open_safetensors(path) as f:
-        meta = f.metadata() or {}
-    return meta.get("pool") or ("eos" if "loss" in meta else None)  # train.py writes 'pool' only for argmax
+        return f.metadata() or {}
 
 
-def lora_method(path):
-    """The training loss a LoRA from train.py records in its metadata ('dco', 'db', 'db-prior'), else None. Written
-    into the PNGs as 'method' so eval.py can group a sweep by method."""
-    path = find_lora_files(path)[0]
-    if path is None or not path.endswith(".safetensors"):
-        return None
-    with open_safetensors(path) as f:
-        return (f.metadata() or {}).get("loss")
+def lora_pooling(meta):
+    """The text-encoder pooling a LoRA was trained with: 'argmax', 'eos' (train.py writes 'pool' only for argmax),
+    or None when unknown (then EOS, SDXL's own)."""
+    return meta.get("pool") or ("eos" if "loss" in meta else None)
 
 
 def parse_lora_arg(text):
@@ -542,7 +537,8 @@ def run(args):
         names += official_tokens(args.config, args.config_name)
     sd = load_sdxl(args.model, device=args.device, dtype=dtype, variant=None if dtype == torch.float32 else "fp16",
                    vae=args.vae)
-    pools = {p for p in (lora_pooling(path) for path, _ in loras) if p}
+    metas = [lora_metadata(path) for path, _ in loras]
+    pools = {p for p in map(lora_pooling, metas) if p}
     sd.text_encoder.pool = sd.text_encoder_2.pool = args.pool or (pools.pop() if len(pools) == 1 else "eos")
     tokens = {}
     for path, weight in loras:
@@ -569,7 +565,7 @@ def run(args):
             base_prompt = args.base_prompt or replace_tokens(args.prompt, tokens)
         except ValueError:
             pass
-    method = ",".join(sorted({m for m in (lora_method(p) for p, _ in loras) if m})) or None
+    method = ",".join(sorted({m.get("loss") for m in metas if m.get("loss")})) or None
 
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "base_prompt": base_prompt,
             "model": args.model, "lora": "; ".join(f"{p}:{w:g}" for p, w in loras) or None, "sampler": args.sampler,

@@ -237,8 +237,8 @@ def test_sample_py_records_method_and_base_prompt(tiny_sdxl, tmp_path):
     save_lora_peft(tmp_path / "lora", {"unet": layers}, {"loss": "db-prior"})
     embeds = {"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 32)}
     save_file(embeds, str(tmp_path / "lora" / "learned_embeds.safetensors"), {"token": "<dog>", "init_word": "dog"})
-    assert sample.lora_method(str(tmp_path / "lora")) == "db-prior"
-    assert sample.lora_method(str(tmp_path / "lora" / "learned_embeds.safetensors")) is None
+    assert sample.lora_metadata(str(tmp_path / "lora")).get("loss") == "db-prior"
+    assert sample.lora_metadata(str(tmp_path / "lora" / "learned_embeds.safetensors")).get("loss") is None
     sample.main(["--model", str(tiny_sdxl[0]), "--device", "cpu", "--steps", "1", "--height", "64", "--width", "64",
                  "--lora", str(tmp_path / "lora"), "--prompt", "a <dog> on the beach", "--wcon", "0", "--n", "1",
                  "--out", str(tmp_path / "x.png")])
