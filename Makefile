@@ -30,7 +30,7 @@ demo: setup
 	$(PYTHON) train.py --images tinyworld/concepts/checker --model tiny --token "<checker>" --init-word yellow \
 	    --rank 8 --lr 5e-3 --ti-lr 1e-3 --steps 300 --beta 10 --checkpoint-every 0 --sample-steps 0 \
 	    --output $(DEMO)/checker
-	$(PYTHON) sample.py --model tiny --lora $(DEMO)/checker --wcon 0,1,2,3 --cfg 4 --n 4 --out $(DEMO)/grid.png \
+	$(PYTHON) sample.py --model tiny --lora $(DEMO)/checker --wcon 0,1,2,3 --cfg 4 --n 4 --output $(DEMO)/grid.png \
 	    --prompt "a big <checker> circle at the top left on a green background, flat style"
 	@echo "demo: the LoRA is in $(DEMO)/checker/, the consistency-guidance grid in $(DEMO)/grid.png"
 

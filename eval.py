@@ -2,8 +2,8 @@
 Pareto plot of the w_con sweep.
 
     python sample.py --lora output/dog --prompt "a <dog> playing saxophone in sticker style" --wcon 0,1,2,3,4 --n 8 \
-        --out samples/dco/sax.png
-    python eval.py samples/dco samples/db --reference ./dog --out scores.csv --plot pareto.png
+        --output samples/dco/sax.png
+    python eval.py samples/dco samples/db --reference ./dog --output scores.csv --plot pareto.png
 
 Definitions (Lee et al. 2024, §5; the DreamBooth benchmark's DINO score, Ruiz et al. 2023, arXiv:2208.12242):
   image_similarity  the mean, over the reference photos, of the cosine between the sample's and the photo's DINOv2
@@ -18,7 +18,7 @@ Definitions (Lee et al. 2024, §5; the DreamBooth benchmark's DINO score, Ruiz e
 
 Each preprocessing follows the checkpoint's preprocessor_config.json, as transformers' image processors do: convert to
 RGB, resize (shortest edge, or to a fixed size) with its resampling filter, center crop, rescale to [0, 1], normalize.
-The models are dinov2.py and siglip.py; checkpoints come from the hub (cached like SDXL's) or a local folder.
+The models are evaluation/dinov2.py and evaluation/siglip.py; checkpoints come from the hub (cached like SDXL's) or a local folder.
 """
 import argparse
 import csv
@@ -30,13 +30,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-import errors
-from dinov2 import load_dinov2
-from files import atomic, check_writable
-from siglip import load_siglip
+from evaluation.dinov2 import load_dinov2
+from evaluation.siglip import load_siglip
+from product import errors
+from product.files import DTYPES, atomic, check_writable
 
 # Defaults: the paper names DINOv2 and SigLIP; these are the largest public checkpoints of each that a 24 GB GPU runs
-# easily (see README, "Measuring your LoRA as the paper does").
+# easily (see docs/sampling_and_merging.md, "Measuring your LoRA as the paper does").
 DINO = "facebook/dinov2-large"
 SIGLIP = "google/siglip-so400m-patch14-384"
 HUB_FILES = ["config.json", "preprocessor_config.json", "model.safetensors", "spiece.model", "tokenizer_config.json",
@@ -112,7 +112,7 @@ def resolve(model, arg):
         return model
     if os.path.exists(model) or model.startswith((".", "/")):
         raise FileNotFoundError(f"{arg} {model}: not a folder; pass a hub id or a folder in the hub layout")
-    from hub import download
+    from product.hub import download
     return download(model, patterns=HUB_FILES)
 
 
@@ -130,16 +130,16 @@ def check_model_type(folder, expected, arg):
 class Scorer:
     """Embeddings of images (DINOv2, SigLIP) and prompts (SigLIP), unit length, in batches."""
 
-    def __init__(self, dino=DINO, siglip=SIGLIP, text=True, device="cpu", batch_size=16):
-        self.device, self.batch_size = device, batch_size
+    def __init__(self, dino=DINO, siglip=SIGLIP, text=True, device="cpu", batch_size=16, dtype=torch.float32):
+        self.device, self.batch_size, self.dtype = device, batch_size, dtype
         folder = resolve(dino, "--dino")
         check_model_type(folder, "dinov2", "--dino")
-        self.dino, self.dino_pre = load_dinov2(folder, device), read_preprocessor(folder, "--dino")
+        self.dino, self.dino_pre = load_dinov2(folder, device, dtype), read_preprocessor(folder, "--dino")
         self.siglip = None
         if text:
             folder = resolve(siglip, "--siglip")
             check_model_type(folder, "siglip", "--siglip")
-            self.siglip, self.tokenizer = load_siglip(folder, device)
+            self.siglip, self.tokenizer = load_siglip(folder, device, dtype)
             self.siglip_pre = read_preprocessor(folder, "--siglip")
 
     @torch.no_grad()
@@ -147,7 +147,7 @@ class Scorer:
         """Unit embeddings of image files, read a batch at a time (a sweep of 1024^2 PNGs does not fit in memory)."""
         out = []
         for i in range(0, len(paths), self.batch_size):
-            pixels = torch.stack([pre(load_image(p)) for p in paths[i:i + self.batch_size]]).to(self.device)
+            pixels = torch.stack([pre(load_image(p)) for p in paths[i:i + self.batch_size]]).to(self.device, self.dtype)
             out.append(torch.nn.functional.normalize(model(pixels).float(), dim=-1).cpu())
         return torch.cat(out)
 
@@ -329,10 +329,12 @@ def main(argv=None):
     p.add_argument("--dino", default=DINO, help="DINOv2 hub id or local folder")
     p.add_argument("--siglip", default=SIGLIP, help="SigLIP hub id or local folder")
     p.add_argument("--no-text", action="store_true", help="image similarity only (no prompts needed)")
-    p.add_argument("--out", default="scores.csv", help="the per-image CSV")
+    p.add_argument("--output", default="scores.csv", help="the per-image CSV")
     p.add_argument("--plot", metavar="PNG", help="also draw the Pareto plot (text vs image similarity per w_con)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", default="fp32", choices=list(DTYPES), help="DINOv2 and SigLIP weights (default "
+                                                                                "fp32, as the paper's scores)")
     args = p.parse_args(argv)
     errors.cli(lambda: run(args), memory_hint="lower --batch-size")
 
@@ -344,17 +346,17 @@ def run(args):
     if args.plot and not text:
         raise ValueError("--plot needs the text similarity for its x axis: drop --no-text")
     errors.check_device(args.device)
-    check_writable(args.out, "--out")
+    check_writable(args.output, "--output")
     if args.plot:
         check_writable(args.plot, "--plot")
     samples = collect_samples(args.samples)  # cheap checks before loading models
     check_inputs(samples, args.reference, text)
-    scorer = Scorer(args.dino, args.siglip, text, args.device, args.batch_size)
+    scorer = Scorer(args.dino, args.siglip, text, args.device, args.batch_size, DTYPES[args.precision])
     rows, level = score(scorer, samples, args.reference, text)
-    write_csv(rows, args.out)
+    write_csv(rows, args.output)
     means = group_means(rows)
     print(report(means, level, text))
-    print(f"wrote {args.out} ({len(rows)} images)")
+    print(f"wrote {args.output} ({len(rows)} images)")
     if args.plot:
         pareto_plot(means, level, args.plot)
         print(f"wrote {args.plot}")

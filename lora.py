@@ -26,8 +26,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from files import BUNDLE, KOHYA_FILE, PEFT_FILE, open_safetensors, save_tensors  # noqa: F401 (file names: part of the API)
-from single_file import sgm_unet_name
+from product.files import BUNDLE, KOHYA_FILE, PEFT_FILE, open_safetensors, save_tensors  # noqa: F401 (file names: API)
+from product.single_file import sgm_unet_name
 
 UNET_ATTN = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' SDXL LoRA default: 560 modules
 UNET_KOHYA = UNET_ATTN + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")  # every Linear of Transformer2D: 722

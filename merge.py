@@ -12,7 +12,7 @@ optimisation afterwards (ZipLoRA, Shah et al. 2023). The sum is EXACT in LoRA fo
 so the merged LoRA has rank r1 + r2 and no SVD truncation. The output folder looks like a trainer's: diffusers/PEFT
 and kohya files, learned_embeds.safetensors with every concept's token rows, and merge_config.json. `--into-base`
 bakes the sum into a full UNet file instead (or as well). `--method ziplora` is that post-optimisation, as the
-baseline of the paper's merge table (ziplora.py): it fits ZipLoRA's per-column merger coefficients first, and writes
+baseline of the paper's merge table (baselines/ziplora.py): it fits ZipLoRA's per-column merger coefficients first, and writes
 the same kind of LoRA (column-scaled down-projections, ranks stacked).
 
 Why adding works (`--analyze`): per layer we compare the two updates dW_a, dW_b column by column, as ZipLoRA does
@@ -36,15 +36,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import errors
-from files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, atomic, check_writable, find_lora_files,
-                   official_tokens, open_safetensors, parse_token, read_learned_tokens, save_tensors, write_json)
-from hub import CONFIG_FILES, download
+from baselines.ziplora import zip_sources
 from lora import concat_loras, load_lora_file, save_lora_kohya, save_lora_peft
-from sdxl import SDXL_BASE, load_sdxl, model_path, read_json
+from product import errors
+from product.files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, atomic, check_writable,
+                           find_lora_files, official_tokens, open_safetensors, parse_token, read_learned_tokens,
+                           save_tensors, write_json)
+from product.hub import CONFIG_FILES, download
+from sdxl import SDXL_BASE, load_sdxl, model_path, read_config
 from text_encoder import CLIPTextModel, normalize
 from unet_loader import UNet
-from ziplora import zip_sources
 
 MERGE_FILE = "merge_config.json"
 
@@ -55,7 +56,7 @@ class Source:
     path: str
     layers: dict  # {component: {module: (down [r, in], up [out, r], alpha)}}
     metadata: dict  # the LoRA file's safetensors metadata
-    embeds: dict | None  # {"clip_l": [n, 768], "clip_g": [n, 1280]}: the learned token rows, or None
+    token_rows: dict | None  # {"clip_l": [n, 768], "clip_g": [n, 1280]}: the learned token rows, or None
     tokens: list  # the n learned tokens, e.g. ["<dog>"]
     init_words: list  # their init words ("" where unknown)
 
@@ -66,15 +67,16 @@ class Source:
 def lora_files(path):
     """A trainer output folder or a LoRA file -> (LoRA file, learned_embeds file or None), found as sample.py does."""
     try:
-        lora, embeds = find_lora_files(path)
+        lora, embeds_file = find_lora_files(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"LoRA {e}") from None
     if lora is None:
         raise FileNotFoundError(f"LoRA {path}: the folder has no {PEFT_FILE} or {KOHYA_FILE}")
-    return lora, embeds
+    return lora, embeds_file
 
 
-def read_header(path):
+def read_keys_and_metadata(path):
+    """A safetensors file's tensor names and metadata, without reading a tensor."""
     with open_safetensors(path) as f:
         return list(f.keys()), dict(f.metadata() or {})
 
@@ -83,7 +85,7 @@ def base_from_metadata(paths):
     """The base model the trainer recorded ('base_model' metadata), when the LoRAs agree; else SDXL base."""
     bases = {}
     for p in paths:
-        base = read_header(lora_files(p)[0])[1].get("base_model")
+        base = read_keys_and_metadata(lora_files(p)[0])[1].get("base_model")
         if base:
             bases.setdefault(base, p)
     if len(bases) > 1:
@@ -106,7 +108,7 @@ def base_skeleton(model):
         raise FileNotFoundError(f"base model {model}: no such folder or .safetensors file")
     else:
         folder = download(model, patterns=CONFIG_FILES)
-    configs = {c: read_json(os.path.join(folder, c, "config.json"), f"{model} is not a diffusers SDXL model")
+    configs = {c: read_config(os.path.join(folder, c, "config.json"), f"{model} is not a diffusers SDXL model")
                for c in COMPONENTS}
     with torch.device("meta"):
         return {"unet": UNet(configs["unet"]), "text_encoder": CLIPTextModel(configs["text_encoder"]),
@@ -117,16 +119,16 @@ def read_source(path, skeleton=None, names=None, tokens=True) -> Source:
     """A LoRA as the trainer wrote it. `names`: [(token, init word)] for token rows saved without names (the official
     DCO code's learned_embeds.safetensors)."""
     lora, embeds_file = lora_files(path)
-    keys, _ = read_header(lora)
+    keys, _ = read_keys_and_metadata(lora)
     kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in keys)
     if kohya and skeleton is None:
         raise ValueError(f"{lora} is a kohya LoRA: its layer names need the base model's config, pass --model")
     modules = skeleton if kohya else None
     layers, metadata = load_lora_file(lora, modules, skeleton["unet"].config if modules else None)
     embeds_file = embeds_file if tokens else None  # --analyze compares the LoRA layers only
-    embeds, tokens, words = read_learned_tokens(embeds_file, names) if embeds_file else (None, [], [])
-    embeds = {k: v.float() for k, v in embeds.items()} if embeds else None
-    return Source(path, layers, metadata, embeds, tokens, words)
+    token_rows, tokens, words = read_learned_tokens(embeds_file, names) if embeds_file else (None, [], [])
+    token_rows = {k: v.float() for k, v in token_rows.items()} if token_rows else None
+    return Source(path, layers, metadata, token_rows, tokens, words)
 
 
 def check_shapes(sources, skeleton=None, base=""):
@@ -179,16 +181,16 @@ def merge_embeddings(sources):
                 raise ValueError(f"token {t} is defined by both {owner[normalize(t)]} and {s.path}: one prompt word "
                                  "cannot mean two concepts; retrain one of them with another --token")
             owner[normalize(t)] = s.path
-    have = [s for s in sources if s.embeds is not None]
+    have = [s for s in sources if s.token_rows is not None]
     if not have:
         return None, [], []
     for key in ("clip_l", "clip_g"):
-        widths = {s.embeds[key].shape[1] for s in have}
+        widths = {s.token_rows[key].shape[1] for s in have}
         if len(widths) > 1:
             raise ValueError(f"'{key}' token rows are {sorted(widths)} wide in different LoRAs "
                              f"({', '.join(s.path for s in have)}): embeddings trained for different base models")
-    embeds = {k: torch.cat([s.embeds[k] for s in have]) for k in ("clip_l", "clip_g")}
-    return embeds, [t for s in have for t in s.tokens], [w for s in have for w in s.init_words]
+    token_rows = {k: torch.cat([s.token_rows[k] for s in have]) for k in ("clip_l", "clip_g")}
+    return token_rows, [t for s in have for t in s.tokens], [w for s in have for w in s.init_words]
 
 
 def merge_metadata(sources, weights, base, tokens, init_words) -> dict:
@@ -223,25 +225,25 @@ def check_output(out):
         raise ValueError(f"--output {out} exists and is not an earlier merge: pass a new folder")
 
 
-def save_merged(out, layers, embeds, metadata, unet_config):
+def save_merged(out, layers, token_rows, metadata, unet_config):
     """Write the folder under a temporary name and rename it into place: it appears whole or not at all."""
     with atomic(out) as tmp:
         os.makedirs(tmp)
         save_lora_peft(tmp, layers, metadata)
         save_lora_kohya(tmp, layers, unet_config, metadata)
-        if embeds is not None:
-            save_tensors(os.path.join(tmp, EMBEDS_FILE), embeds, metadata)
+        if token_rows is not None:
+            save_tensors(os.path.join(tmp, EMBEDS_FILE), token_rows, metadata)
         config = {k: v for k, v in metadata.items() if k != "merged_from"}
         write_json(os.path.join(tmp, MERGE_FILE), {**config, "merged_from": json.loads(metadata["merged_from"])})
     return out
 
 
-def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="fp16", names=None, method="sum",
+def merge(paths, weights=None, output=None, model=None, into_base=None, precision="fp16", names=None, method="sum",
           ziplora=None):
     """Merge the LoRAs at `paths` (trainer folders or files) with `weights` into `output` (a LoRA folder) and/or
     `into_base` (a full UNet .safetensors, needs `model`). Everything is checked before anything is written.
     `names`: [(token, init word)] for the official code's nameless token rows, taken in LoRA order.
-    method "ziplora": first fit ZipLoRA's column mergers (ziplora.py; needs `model`; `ziplora`: its keyword
+    method "ziplora": first fit ZipLoRA's column mergers (baselines/ziplora.py; needs `model`; `ziplora`: its keyword
     arguments, e.g. steps, lr, lam, device), then sum the column-scaled LoRAs exactly as "sum" does."""
     weights = [1.0] * len(paths) if weights is None else [float(w) for w in weights]
     if len(paths) < 2:
@@ -260,7 +262,7 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="f
         raise ValueError("--into-base needs --model: the base model whose UNet the merged LoRA is baked into")
     if into_base and not into_base.endswith(".safetensors"):
         raise ValueError(f"--into-base {into_base}: must be a .safetensors file")
-    errors.check_finite(weights=weights)
+    errors.check_numbers(weights=weights)
     if output:
         check_output(output)
         check_writable(output, "--output folder")
@@ -278,7 +280,7 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="f
         sources.append(read_source(p, skeleton, names))
         names = [n for n in names if n[0] not in sources[-1].tokens]  # the next nameless file takes the next names
     check_shapes(sources, skeleton, base)
-    embeds, tokens, init_words = merge_embeddings(sources)
+    token_rows, tokens, init_words = merge_embeddings(sources)
     metadata = merge_metadata(sources, weights, base, tokens, init_words)
     if method == "ziplora":
         sources, info = zip_sources(sources, weights, model, **(ziplora or {}))
@@ -289,13 +291,13 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, dtype="f
         if set(layers) - {"unet"}:
             print(f"warning: {into_base} holds the UNet only; the text-encoder LoRA layers are not baked in "
                   "(use the merged LoRA for them)", file=sys.stderr)
-        baked = bake_into_base(load_sdxl(model).unet.state_dict(), layers.get("unet", {}), DTYPES[dtype])
+        baked = bake_into_base(load_sdxl(model).unet.state_dict(), layers.get("unet", {}), DTYPES[precision])
     if output:
-        save_merged(output, layers, embeds, metadata, skeleton["unet"].config)
+        save_merged(output, layers, token_rows, metadata, skeleton["unet"].config)
     if baked is not None:
         os.makedirs(os.path.dirname(into_base) or ".", exist_ok=True)
         save_tensors(into_base, baked, {"format": "pt", **metadata})
-    return layers, embeds, metadata
+    return layers, token_rows, metadata
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -390,11 +392,11 @@ def main(argv=None):
                                    "unless --into-base")
     p.add_argument("--into-base", metavar="FILE", help="bake the merged LoRA into a full UNet .safetensors (diffusers "
                                                        "names, like unet/diffusion_pytorch_model.safetensors)")
-    p.add_argument("--dtype", default="fp16", choices=list(DTYPES), help="--into-base weights (default fp16, "
+    p.add_argument("--precision", default="fp16", choices=list(DTYPES), help="--into-base weights (default fp16, "
                                                                          "SDXL's own; fp32 keeps every bit of dW)")
     p.add_argument("--method", default="sum", choices=["sum", "ziplora"], help="sum: the exact sum (DCO's way, "
                    "default); ziplora: fit ZipLoRA's per-column mergers first (Shah et al. 2023; two LoRAs, needs "
-                   "--model and the trainer folders' training images; see ziplora.py)")
+                   "--model and the trainer folders' training images; see baselines/ziplora.py)")
     p.add_argument("--ziplora-steps", type=int, default=100, help="ZipLoRA optimisation steps (paper: 100)")
     p.add_argument("--ziplora-lr", type=float, default=1e-2, help="ZipLoRA's Adam learning rate")
     p.add_argument("--ziplora-lambda", type=float, default=0.01, help="weight of the |cos(m_a, m_b)| penalty")
@@ -424,7 +426,7 @@ def run(args):
             raise ValueError("--config and --config-name go together")
         names += official_tokens(args.config, args.config_name)
     zl = dict(steps=args.ziplora_steps, lr=args.ziplora_lr, lam=args.ziplora_lambda, device=args.device)
-    layers, embeds, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.dtype,
+    layers, token_rows, meta = merge(args.loras, args.weights, args.output, args.model, args.into_base, args.precision,
                                  names=names, method=args.method, ziplora=zl)
     ranks = [d.shape[0] for c in layers.values() for d, _, _ in c.values()]
     rank = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"

@@ -36,12 +36,14 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-import errors
 from dco import alphas_cumprod
-from files import (BUNDLE, COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, check_writable, find_lora_files,
-                   official_tokens, open_safetensors, parse_token, read_learned_tokens, save_image)
 from lora import apply_lora, load_lora_file, lora_modules, lora_scale
-from text_encoder import resize_token_embeddings
+from product import errors
+from product.files import (BUNDLE, COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, check_writable,
+                           find_lora_files, official_tokens, open_safetensors, parse_token, read_learned_tokens,
+                           save_image)
+from product.hub import SDXL_BASE
+from text_encoder import check_prompt_length, resize_token_embeddings
 
 # ----------------------------------------------------------------------------------------------------------
 # Samplers: pure functions of model_fn(x_t, t) -> the guided model output (eps, or v for a v-prediction base). The
@@ -323,6 +325,20 @@ def generate(sd, prompts, **options):
     return to_pil(decode(sd, generate_latents(sd, prompts, **options)))
 
 
+def generate_while_training(sd, prompts, resolution, steps, seed):
+    """Images from the model as it is now (Euler, CFG 5), for train.py's checkpoint samples and db-prior's class
+    images. For decoding the VAE comes back to the device and the UNet steps aside: a 1024^2 decode takes GBs
+    (no-ops on a CPU)."""
+    device, vae_device = next(sd.unet.parameters()).device, next(sd.vae.parameters()).device
+    with torch.no_grad():
+        latents = generate_latents(sd, prompts, height=resolution, width=resolution, steps=steps, seed=seed,
+                                   progress=False)
+        sd.unet.to("cpu"), sd.vae.to(device)
+        images = to_pil(decode(sd, latents))
+    sd.vae.to(vae_device), sd.unet.to(device)
+    return images
+
+
 # ----------------------------------------------------------------------------------------------------------
 # LoRAs and their learned tokens (textual inversion)
 
@@ -384,7 +400,7 @@ def has_bundled_tokens(path):
         return any(k.startswith(BUNDLE) for k in f.keys())
 
 
-def lora_metadata(path) -> dict:
+def read_lora_metadata(path) -> dict:
     """The safetensors metadata of a LoRA (folder or file): train.py records its recipe there, e.g. 'loss' (dco,
     db, db-prior; written into the PNGs as 'method', so eval.py can group a sweep) and 'pool' (argmax only)."""
     path = find_lora_files(path)[0]
@@ -493,16 +509,16 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=4, help="images per prompt (and w_con)")
     p.add_argument("--height", type=int, help="default: the model's own resolution, 1024 for SDXL (32 for tiny)")
     p.add_argument("--width", type=int, help="default: as --height")
-    p.add_argument("--model", default="stabilityai/stable-diffusion-xl-base-1.0",
+    p.add_argument("--model", default=SDXL_BASE,
                    help="hub repo id, local diffusers folder, single-file .safetensors, tiny, or sdxl-random "
                         "(the real shapes, random weights: a dry run)")
     p.add_argument("--vae", help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
-    p.add_argument("--out", default="out.png", help="the image (--n 1), else the grid, with the images beside it")
+    p.add_argument("--output", default="out.png", help="the image (--n 1), else the grid, with the images beside it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), help="UNet and text encoders (default: fp16 on "
-                                                                       "cuda, else fp32)")
+    p.add_argument("--precision", choices=list(DTYPES), help="UNet and text encoders (default: fp16 on cuda, "
+                                                                "else fp32)")
     args = p.parse_args(argv)
-    errors.cli(lambda: run(args), memory_hint="lower --height/--width or --n, or on a GPU use --dtype fp16")
+    errors.cli(lambda: run(args), memory_hint="lower --height/--width or --n, or on a GPU use --precision fp16")
 
 
 def run(args):
@@ -516,12 +532,12 @@ def run(args):
         if not os.path.exists(path):
             raise FileNotFoundError(f"--lora {path}: no such file or folder")
     wcons = args.wcon or [3.0 if loras else 0.0]
-    errors.check_finite(cfg=args.cfg, wcon=wcons, lora=[w for _, w in loras])
+    errors.check_numbers(cfg=args.cfg, wcon=wcons, lora=[w for _, w in loras])
     errors.check_device(args.device)
     for flag in ("height", "width"):
         if getattr(args, flag) <= 0 or getattr(args, flag) % 8:
             raise ValueError(f"--{flag} {getattr(args, flag)}: must be a positive multiple of 8")
-    check_writable(args.out, "--out")  # before loading the model: a read-only or full disk, a folder in the way
+    check_writable(args.output, "--output")  # before loading the model: a read-only or full disk, a folder in the way
     if any(wcons) and not loras:
         raise ValueError("--wcon > 0 needs a --lora: consistency guidance compares a LoRA model with the base model")
     if args.n < 1:
@@ -529,7 +545,7 @@ def run(args):
     if not 0 <= args.guidance_rescale <= 1:
         raise ValueError(f"--guidance-rescale {args.guidance_rescale:g}: must be between 0 and 1 (0.7 in Lin et al. "
                          "2023)")
-    dtype = DTYPES[args.dtype or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")]
+    dtype = DTYPES[args.precision or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")]
     names = list(args.token)
     if args.config or args.config_name:
         if not (args.config and args.config_name):
@@ -537,7 +553,7 @@ def run(args):
         names += official_tokens(args.config, args.config_name)
     sd = load_sdxl(args.model, device=args.device, dtype=dtype, variant=None if dtype == torch.float32 else "fp16",
                    vae=args.vae)
-    metas = [lora_metadata(path) for path, _ in loras]
+    metas = [read_lora_metadata(path) for path, _ in loras]
     pools = {p for p in map(lora_pooling, metas) if p}
     sd.text_encoder.pool = sd.text_encoder_2.pool = args.pool or (pools.pop() if len(pools) == 1 else "eos")
     tokens = {}
@@ -547,10 +563,8 @@ def run(args):
         tokens.update(added)
     for flag, text in (("--prompt", args.prompt), ("--base-prompt", args.base_prompt),
                        ("--negative-prompt", args.negative_prompt)):
-        length = len(sd.tokenizer.encode(text)) if text else 0
-        if length > errors.prompt_window(sd.tokenizer):
-            print(f"warning: {flag} is {length} CLIP tokens; only the first {errors.prompt_window(sd.tokenizer)} "
-                  "are read", file=sys.stderr)
+        if text:
+            check_prompt_length((sd.tokenizer,), text, flag)
 
     base_prompt = None
     if any(wcons):
@@ -573,7 +587,7 @@ def run(args):
             "height": args.height, "width": args.width, "software": "dco sample.py", "method": method,
             "pool": sd.text_encoder_2.pool}
     meta = {k: v for k, v in meta.items() if v is not None}
-    stem, ext = os.path.splitext(args.out)
+    stem, ext = os.path.splitext(args.output)
     ext = ext or ".png"
     rows = []
     for wcon in wcons:

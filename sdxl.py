@@ -9,7 +9,7 @@ code without a dictionary. `model` may be
     standard Hugging Face cache, so a second run downloads nothing and works offline;
   * a local folder in the same (diffusers) layout: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, ...;
   * a single-file checkpoint from ComfyUI/A1111 (`sd_xl_base_1.0.safetensors`, Stability's original "SGM"
-    names): converted by `single_file.py`; its configs and tokenizers come from `config_from` (the base hub
+    names): converted by `product/single_file.py`; its configs and tokenizers come from `config_from` (the base hub
     repo by default: a few small files);
   * "tiny": the tiny SDXL of tinyworld/ (same architecture, 32x32 images), which runs everything on a CPU;
   * "sdxl-random": the real SDXL base (its configs ship in configs/sdxl-base-1.0) with random weights and a
@@ -26,15 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-import errors
-import files
-import single_file
-from hub import CONFIG_FILES, MODEL_COMPONENTS, component_weight_files, download
+from product import errors, files, single_file
+from product.hub import CONFIG_FILES, MODEL_COMPONENTS, SDXL_BASE, component_weight_files, download
 from text_encoder import CLIPTextModel, CLIPTokenizer, byte_level_vocab, encode_prompt
 from unet_loader import UNet
 from vae import AutoencoderKL, convert_legacy_vae_keys
 
-SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = os.path.join(HERE, "tinyworld", "model")  # --model tiny: CPU, 32x32
 RANDOM, RANDOM_CONFIGS = "sdxl-random", os.path.join(HERE, "configs", "sdxl-base-1.0")  # the real configs, no weights
@@ -69,8 +66,8 @@ def native_resolution(model):
     folder's configs (1024 for SDXL, 32 for tiny); 1024 for a hub id or single file, which are SDXL."""
     folder = model_path(model)
     try:
-        unet = read_json(os.path.join(folder, "unet", "config.json"), "")
-        vae = read_json(os.path.join(folder, "vae", "config.json"), "")
+        unet = read_config(os.path.join(folder, "unet", "config.json"), "")
+        vae = read_config(os.path.join(folder, "vae", "config.json"), "")
     except FileNotFoundError:
         return 1024
     return unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
@@ -99,7 +96,8 @@ def weight_files(folder, comp, variant="fp16"):
     raise FileNotFoundError(f"{d}: no {MODEL_COMPONENTS[comp]}.safetensors: the folder is missing the {comp} weights")
 
 
-def read_json(path, what):
+def read_config(path, what):
+    """A model folder's JSON config; a missing one is a FileNotFoundError saying `what` that means."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing: {what}")
     return files.read_json(path)  # malformed JSON: a ValueError naming the file
@@ -153,7 +151,7 @@ def load_vae(source, device="cpu", dtype=torch.float32, vae_dtype=None):
         if source.startswith((".", "/")) or source.endswith(PICKLE_SUFFIXES + (".safetensors",)):
             raise FileNotFoundError(f"--vae {source}: expected a folder or a hub id of a diffusers VAE")
         folder = download(source, patterns=["config.json", "diffusion_pytorch_model.safetensors"])
-    config = read_json(os.path.join(folder, "config.json"), f"--vae {source} is not a diffusers VAE folder")
+    config = read_config(os.path.join(folder, "config.json"), f"--vae {source} is not a diffusers VAE folder")
     weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"--vae {source}: no diffusion_pytorch_model.safetensors in {folder}")
@@ -177,8 +175,8 @@ def _load_sdxl(model, device, dtype, vae_dtype, variant, config_from):
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise FileNotFoundError(f"{folder} has no model_index.json: expected a diffusers SDXL folder "
                                 f"(model_index.json, unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/)")
-    index = read_json(os.path.join(folder, "model_index.json"), "")
-    configs = {c: read_json(os.path.join(folder, c, "config.json"), f"the folder has no {c} component")
+    index = read_config(os.path.join(folder, "model_index.json"), "")
+    configs = {c: read_config(os.path.join(folder, c, "config.json"), f"the folder has no {c} component")
                for c in MODEL_COMPONENTS}
     weights = {c: load_component(folder, c, variant) for c in MODEL_COMPONENTS}
     return assemble(folder, configs, weights, index, device, dtype, vae_dtype, source=model)
@@ -191,10 +189,10 @@ def load_single_file(path, device, dtype, vae_dtype, config_from=SDXL_BASE):
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     single_file.check_sdxl_checkpoint(shapes, path, adm_in_channels=None)  # names only, before any download
     folder = config_from if os.path.isdir(config_from) else download(config_from, patterns=CONFIG_FILES)
-    configs = {c: read_json(os.path.join(folder, c, "config.json"), f"{config_from} has no {c} config")
+    configs = {c: read_config(os.path.join(folder, c, "config.json"), f"{config_from} has no {c} config")
                for c in MODEL_COMPONENTS}
     single_file.check_sdxl_checkpoint(shapes, path, configs["unet"]["projection_class_embeddings_input_dim"])
-    index = read_json(os.path.join(folder, "model_index.json"), f"{config_from} is not a diffusers SDXL folder")
+    index = read_config(os.path.join(folder, "model_index.json"), f"{config_from} is not a diffusers SDXL folder")
     weights = single_file.sgm_to_diffusers(files.load_tensors(path), configs["unet"], configs["vae"],
                                            configs["text_encoder"], configs["text_encoder_2"])
     return assemble(folder, configs, weights, index, device, dtype, vae_dtype, source=path)
@@ -217,7 +215,7 @@ def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
     weights["vae"] = convert_legacy_vae_keys(weights["vae"])
     if vae_dtype is None:
         vae_dtype = torch.float32 if configs["vae"].get("force_upcast", True) else dtype
-    scheduler = read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), "the folder has no scheduler config")
+    scheduler = read_config(os.path.join(folder, "scheduler", "scheduler_config.json"), "the folder has no scheduler config")
     tokenizer = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer"))
     tokenizer_2 = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer_2"))
     return SDXL(
@@ -269,8 +267,8 @@ def random_sdxl(device="cpu", dtype=torch.float32, vae_dtype=None, seed=0):
     """SDXL base with random weights: every real config (configs/sdxl-base-1.0, the hub repo's files), the real
     49,408-row token tables, and a byte-level tokenizer with CLIP's ids (text_encoder.byte_level_vocab)."""
     start, folder = time.perf_counter(), RANDOM_CONFIGS
-    configs = {c: read_json(os.path.join(folder, c, "config.json"), "") for c in MODEL_COMPONENTS}
-    index = read_json(os.path.join(folder, "model_index.json"), "")
+    configs = {c: read_config(os.path.join(folder, c, "config.json"), "") for c in MODEL_COMPONENTS}
+    index = read_config(os.path.join(folder, "model_index.json"), "")
     if vae_dtype is None:
         vae_dtype = torch.float32 if configs["vae"].get("force_upcast", True) else dtype
     g = torch.Generator(device).manual_seed(seed)
@@ -285,7 +283,7 @@ def random_sdxl(device="cpu", dtype=torch.float32, vae_dtype=None, seed=0):
                                     eos_token_id=tokenizer_2.eos_token_id),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
-        scheduler=read_json(os.path.join(folder, "scheduler", "scheduler_config.json"), ""),
+        scheduler=read_config(os.path.join(folder, "scheduler", "scheduler_config.json"), ""),
         force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True),
         source=RANDOM,
     )
@@ -299,11 +297,10 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="Download (or find) an SDXL model and report what was loaded.")
     p.add_argument("--model", default=SDXL_BASE, help="hub repo id, local diffusers folder, single-file "
                                                       ".safetensors, tiny, or sdxl-random")
-    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", default="fp16", choices=list(files.DTYPES))
     args = p.parse_args()
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    sd = errors.cli(lambda: load_sdxl(args.model, dtype=dtype), memory_hint="try --dtype fp16 on a machine with "
-                                                                           "more memory")
+    sd = errors.cli(lambda: load_sdxl(args.model, dtype=files.DTYPES[args.precision]),
+                    memory_hint="try --precision fp16 on a machine with more memory")
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         m = getattr(sd, name)
         print(f"{name:15s} {sum(p.numel() for p in m.parameters()):>14,d} parameters  {next(m.parameters()).dtype}")

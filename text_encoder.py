@@ -12,6 +12,7 @@ The tokenizer reproduces transformers' (tokenizers-backed) CLIPTokenizer token f
 `regex`/`ftfy` packages. Like transformers it does NOT run ftfy/html-unescape as OpenAI's original tokenizer does.
 """
 
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import read_json, read_text
+from product.files import read_json, read_text
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer
@@ -219,10 +220,43 @@ class CLIPTokenizer:
         return ids
 
 
+def token_positions(tokenizer, text, token=None):
+    """(the 1-based position of `token`'s first use in `text` or None, the text's length), in content tokens of
+    `tokenizer` (CLIP's BPE, before the new token is added: a learned token counts as one)."""
+    def count(s):
+        return len(tokenizer.encode(s)) if s.strip() else 0
+    if token is None or token not in text:
+        return None, count(text)
+    parts = text.split(token)
+    return count(parts[0]) + 1, sum(count(p) for p in parts) + len(parts) - 1
+
+
+def prompt_window(tokenizer):
+    """How many content tokens CLIP reads: 77 minus the start and end tokens."""
+    return tokenizer.model_max_length - 2
+
+
+def check_prompt_length(tokenizers, text, what, tokens=(), strict=False):
+    """CLIP reads the first 75 content tokens of a prompt: one warning line when `text` is longer. strict (a
+    training caption): a learned token past the window is refused, since it would be trained on nothing."""
+    longest = 0
+    for tokenizer in tokenizers:
+        window = prompt_window(tokenizer)
+        for t in tokens or [None]:
+            at, length = token_positions(tokenizer, text, t)
+            longest = max(longest, length)
+            if strict and at is not None and at > window:
+                raise ValueError(f"{what} is {length} CLIP tokens and {t} is token {at}, past the {window} CLIP "
+                                 f"reads, so it would learn nothing; name {t} earlier or shorten it")
+    if longest > prompt_window(tokenizers[0]):
+        print(f"warning: {what} is {longest} CLIP tokens; only the first {prompt_window(tokenizers[0])} are read",
+              file=sys.stderr)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Text transformer: pre-LayerNorm GPT-style blocks with a causal mask, learned absolute positions.
 
-# The activations of the transformer towers here and in the scorers (siglip.py, dinov2.py), by their config names.
+# The activations of the transformer towers here and in the scorers (evaluation/siglip.py, evaluation/dinov2.py), by their config names.
 ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu,
                "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
 

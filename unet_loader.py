@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from files import read_json
+from product.files import read_json
 
 
 def load_unet_config(path) -> dict:

@@ -197,14 +197,14 @@ LEGACY_ATTN_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn
 _LEGACY_KEY = re.compile(r"(\.attentions\.\d+\.)(query|key|value|proj_attn)\.")
 
 
-def convert_legacy_vae_keys(sd: dict) -> dict:
+def convert_legacy_vae_keys(state_dict: dict) -> dict:
     """Rename old diffusers attention keys (`...attentions.0.query.weight`) to the current ones (`to_q`).
 
     Attention weights stored as 1x1 convs [C,C,1,1] are flattened to the Linear shape [C,C]. Current keys pass
     through untouched, so this is safe to call on any diffusers VAE state dict.
     """
     out = {}
-    for key, value in sd.items():
+    for key, value in state_dict.items():
         key = _LEGACY_KEY.sub(lambda m: m.group(1) + LEGACY_ATTN_NAMES[m.group(2)] + ".", key)
         if ".attentions." in key and value.ndim == 4:
             value = value.flatten(1)

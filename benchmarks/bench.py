@@ -8,7 +8,7 @@
         checkpointing, achieved TFLOP/s) and a 30-step consistency-guided 1024^2 sample.
 
 `--real-size` runs benchmarks/real_size.py instead: the whole main job at SDXL's real size on any device.
-Prints a table; a full run writes docs/benchmarks.md (a --quick or --size run only prints, unless --out is given). Models are built with random weights (speed does not depend on the
+Prints a table; a full run writes docs/benchmarks.md (a --quick or --size run only prints, unless --output is given). Models are built with random weights (speed does not depend on the
 values): the real SDXL configs on CUDA, a "medium" SDXL-shaped family on CPU (see SIZES), a tiny one for --quick.
 Timing: the variants of a row run interleaved (A B, B A, ...) after warm-up; medians and the min-max spread are
 reported, and the ratio is the median of the per-round ratios. On a CPU running one thread (the default: per-core
@@ -670,7 +670,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int)
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable on a shared machine)")
     p.add_argument("--compile", action="store_true", help="torch.compile our UNet (and diffusers' in row a)")
-    p.add_argument("--out", help="markdown report (default: docs/benchmarks.md for a full run; a --quick or --size "
+    p.add_argument("--output", help="markdown report (default: docs/benchmarks.md for a full run; a --quick or --size "
                                  "run only prints, so it never overwrites the committed numbers)")
     p.add_argument("--peak-of", choices=["dco", "db"], help=argparse.SUPPRESS)  # internal: a CPU memory probe
     p.add_argument("--real-size", action="store_true", help="the main job at SDXL's real size (sdxl-random): runs "
@@ -704,12 +704,12 @@ def main(argv=None):
                     "not yet measured on GPU" if device.type != "cuda" else "run on CUDA without --quick/--size")
     elapsed = time.perf_counter() - start
     print(res.table())
-    out = args.out or (None if partial else ROOT / "docs" / "benchmarks.md")
+    out = args.output or (None if partial else ROOT / "docs" / "benchmarks.md")
     if out:
         write_report(out, res, args, device, elapsed)
         print(f"wrote {out} ({elapsed:.0f} s)")
     else:
-        print(f"done in {elapsed:.0f} s (not written: pass --out FILE to keep a quick or partial run's report)")
+        print(f"done in {elapsed:.0f} s (not written: pass --output FILE to keep a quick or partial run's report)")
 
 
 if __name__ == "__main__":

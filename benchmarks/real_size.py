@@ -397,7 +397,7 @@ def main(argv=None):
     p.add_argument("--rows", nargs="*", default=["r1", "r2", "r3"], choices=["r1", "r2", "r3"],
                    help="rows to measure (none: rewrite the section from --json)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
-    p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    p.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--json", default=str(ROOT / "docs" / "real_size.json"), help="the raw measurements")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -442,8 +442,8 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(results, indent=1))
     text = report(results, args, time.perf_counter() - start)
     print(text)
-    write_section(args.out, text)
-    print(f"wrote the real-size section of {args.out}")
+    write_section(args.output, text)
+    print(f"wrote the real-size section of {args.output}")
 
 
 if __name__ == "__main__":

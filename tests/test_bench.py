@@ -31,7 +31,7 @@ def table_rows(markdown):
 
 def test_quick_reports_every_cpu_row_with_a_ratio(tmp_path):
     out = tmp_path / "bench.md"
-    p = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--device", "cpu", "--out", str(out)],
+    p = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--quick", "--device", "cpu", "--output", str(out)],
                        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr
     doc = out.read_text()
@@ -113,6 +113,6 @@ def test_bench_real_size_runs_real_size_with_its_arguments(tmp_path):
     raw.write_text(json.dumps({"diffusers": {"resolution": 256, "max_abs_diff": 0.0,
                                              "forward": {"ours": [1.0], "diffusers": [2.0]},
                                              "backward": {"ours": [3.0], "diffusers": [3.0]}}}))
-    bench.main(["--real-size", "--rows", "--json", str(raw), "--out", str(out)])  # no rows: report from --json
+    bench.main(["--real-size", "--rows", "--json", str(raw), "--output", str(out)])  # no rows: report from --json
     rows = [line for line in out.read_text().splitlines() if line.startswith("| UNet forward") or "backward to" in line]
     assert rows == ["| UNet forward | 1 s | 2 s | 0.50 |", "| forward + backward to the input | 3 s | 3 s | 1.00 |"]

@@ -51,7 +51,7 @@ def official(tiny_sdxl, tmp_path_factory):
 
 def _sample(tiny_sdxl, out, *args):
     cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(tiny_sdxl[0]), "--device", "cpu", "--steps", "3",
-           "--height", str(H), "--width", str(W), "--n", "1", "--seed", "3", "--cfg", "5", "--out", str(out), *args]
+           "--height", str(H), "--width", str(W), "--n", "1", "--seed", "3", "--cfg", "5", "--output", str(out), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -159,7 +159,7 @@ def test_official_recipe_flags_train(tiny_sdxl, tmp_path):
 
 
 def test_vae_flag_and_full_precision_weights(tiny_sdxl, tmp_path):
-    """--vae takes another VAE (a diffusers VAE folder); --mixed-precision no loads the full-precision files where
+    """--vae takes another VAE (a diffusers VAE folder); --precision fp32 loads the full-precision files where
     the folder also has the fp16 variant (which is preferred otherwise, half the download)."""
     folder = tmp_path / "sdxl"
     shutil.copytree(tiny_sdxl[0], folder)
@@ -169,7 +169,7 @@ def test_vae_flag_and_full_precision_weights(tiny_sdxl, tmp_path):
     assert all(torch.equal(p, full[k]) for k, p in load_sdxl(str(folder), variant=None).unet.state_dict().items())
     assert not all(torch.equal(p, full[k]) for k, p in load_sdxl(str(folder)).unet.state_dict().items())
     result, _ = run(*argv(make_images(tmp_path / "dog"), folder, tmp_path / "out"), "--steps", "1",
-                    "--checkpoint-every", "0", "--mixed-precision", "no")
+                    "--checkpoint-every", "0", "--precision", "fp32")
     base = {k: v for k, v in result["sd"].unet.state_dict().items() if "lora" not in k}
     assert all(torch.equal(v, full[k]) for k, v in base.items())
 

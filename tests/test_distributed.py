@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -199,13 +198,12 @@ def test_grad_accum_with_db_prior(tiny_sdxl, data, tmp_path):
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "linear"])
 def test_lr_schedules(schedule):
-    args = Namespace(lr_warmup=4, lr_schedule=schedule, steps=14)
-    f = [train.lr_factor(s, args) for s in range(14)]
+    f = [train.lr_factor(s, 4, schedule, 14) for s in range(14)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # warm-up: the first step already trains
     want = {"constant": [1.0] * 10, "linear": [1 - i / 10 for i in range(10)],
             "cosine": [0.5 * (1 + math.cos(math.pi * i / 10)) for i in range(10)]}[schedule]
     assert f[4:] == pytest.approx(want)
-    assert train.lr_factor(5, Namespace(lr_warmup=0, lr_schedule="constant", steps=9)) == 1.0
+    assert train.lr_factor(5, 0, "constant", 9) == 1.0
 
 
 def test_the_schedule_is_what_trains_and_is_logged(tiny_sdxl, data, tmp_path):

@@ -1,4 +1,4 @@
-"""eval.py, dinov2.py, siglip.py against transformers 5.24 on tiny random models saved in the hub layout (fp32).
+"""eval.py, evaluation/dinov2.py, evaluation/siglip.py against transformers 5.24 on tiny random models saved in the hub layout (fp32).
 
 The tiny models are transformers' Dinov2Model / SiglipModel with every parameter re-drawn (tiny_sdxl.randomize),
 saved with save_pretrained next to a preprocessor_config.json of the real checkpoints' form and, for SigLIP, a real
@@ -19,9 +19,9 @@ from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPi
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 import eval as ev
-from dinov2 import Dinov2, load_dinov2
+from evaluation.dinov2 import Dinov2, load_dinov2
 from sample import save_png
-from siglip import load_siglip
+from evaluation.siglip import load_siglip
 from siglip_spm import write_siglip_tokenizer_folder
 from tiny_sdxl import randomize
 from tinyworld import world
@@ -153,7 +153,7 @@ def test_eval_cli_matches_transformers(scorers, tmp_path, capsys):
     write_samples(samples)
     ref = world.CONCEPTS_DIR + "/checker"
     ev.main([str(samples), "--reference", ref, "--dino", str(scorers["dino"][0]), "--siglip",
-             str(scorers["siglip"][0]), "--out", str(out), "--plot", str(plot), "--batch-size", "3"])
+             str(scorers["siglip"][0]), "--output", str(out), "--plot", str(plot), "--batch-size", "3"])
     printed = capsys.readouterr().out
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -198,7 +198,7 @@ def test_bad_inputs_one_line(scorers, tmp_path):
 
     def error(*argv):
         with pytest.raises(SystemExit) as e:
-            ev.main(["--dino", dino, "--siglip", siglip, "--out", str(tmp_path / "s.csv"), *argv])
+            ev.main(["--dino", dino, "--siglip", siglip, "--output", str(tmp_path / "s.csv"), *argv])
         message = str(e.value.code)
         assert message.startswith("error: ") and "\n" not in message
         return message
@@ -214,7 +214,7 @@ def test_bad_inputs_one_line(scorers, tmp_path):
     (empty / "broken.png").unlink()
     (samples / "plain.txt").unlink()  # an image with neither metadata nor sidecar: fine without text scoring only
     assert "plain.png: no prompt" in error(str(samples), "--reference", ref)
-    ev.main([str(samples), "--reference", ref, "--dino", dino, "--no-text", "--out", str(tmp_path / "s.csv")])
+    ev.main([str(samples), "--reference", ref, "--dino", dino, "--no-text", "--output", str(tmp_path / "s.csv")])
     with open(tmp_path / "s.csv") as f:
         assert all(r["text_similarity"] == "" for r in csv.DictReader(f))
 
@@ -237,11 +237,11 @@ def test_sample_py_records_method_and_base_prompt(tiny_sdxl, tmp_path):
     save_lora_peft(tmp_path / "lora", {"unet": layers}, {"loss": "db-prior"})
     embeds = {"clip_l": torch.randn(1, 32), "clip_g": torch.randn(1, 32)}
     save_file(embeds, str(tmp_path / "lora" / "learned_embeds.safetensors"), {"token": "<dog>", "init_word": "dog"})
-    assert sample.lora_metadata(str(tmp_path / "lora")).get("loss") == "db-prior"
-    assert sample.lora_metadata(str(tmp_path / "lora" / "learned_embeds.safetensors")).get("loss") is None
+    assert sample.read_lora_metadata(str(tmp_path / "lora")).get("loss") == "db-prior"
+    assert sample.read_lora_metadata(str(tmp_path / "lora" / "learned_embeds.safetensors")).get("loss") is None
     sample.main(["--model", str(tiny_sdxl[0]), "--device", "cpu", "--steps", "1", "--height", "64", "--width", "64",
                  "--lora", str(tmp_path / "lora"), "--prompt", "a <dog> on the beach", "--wcon", "0", "--n", "1",
-                 "--out", str(tmp_path / "x.png")])
+                 "--output", str(tmp_path / "x.png")])
     with Image.open(tmp_path / "x.png") as im:
         meta = im.text
     assert (meta["method"], meta["base_prompt"], meta["wcon"]) == ("db-prior", "a dog on the beach", "0")
@@ -251,7 +251,7 @@ def test_sample_py_records_method_and_base_prompt(tiny_sdxl, tmp_path):
 def test_hub_ids_download_only_what_is_needed(monkeypatch, tmp_path):
     """A hub id goes through hub.download (the HF cache, as for SDXL) with the scorer's files only; a folder is used
     as is; a path that is not a folder is one clear error, never a hub lookup."""
-    import hub
+    from product import hub
 
     calls = []
     monkeypatch.setattr(hub, "download", lambda repo, patterns=None: calls.append((repo, patterns)) or str(tmp_path))
@@ -264,9 +264,9 @@ def test_hub_ids_download_only_what_is_needed(monkeypatch, tmp_path):
 
 
 def test_scorers_need_no_reference_library():
-    """eval.py, dinov2.py and siglip.py run on torch/numpy/pillow/safetensors alone: no transformers, sentencepiece
+    """eval.py, evaluation/dinov2.py and evaluation/siglip.py run on torch/numpy/pillow/safetensors alone: no transformers, sentencepiece
     or protobuf is imported (they are test-only oracles)."""
-    code = ("import sys, eval, dinov2, siglip; bad = [m for m in ('transformers', 'diffusers', 'sentencepiece', "
+    code = ("import sys, eval, evaluation.dinov2, evaluation.siglip; bad = [m for m in ('transformers', 'diffusers', 'sentencepiece', "
             "'google.protobuf', 'peft') if m in sys.modules]; assert not bad, bad")
     root = Path(__file__).parent.parent
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True)

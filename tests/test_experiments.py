@@ -25,7 +25,7 @@ def rows(path):
 def test_experiments_smoke(random_tiny, tmp_path):
     out, work = tmp_path / "docs", tmp_path / "work"
     # --jobs 2: the pair checker+pastel in one worker process, outline alone in the other
-    args = experiments.parse_args(["--model", random_tiny, "--out", str(out), "--work", str(work), "--seeds", "3",
+    args = experiments.parse_args(["--model", random_tiny, "--output", str(out), "--work", str(work), "--seeds", "3",
                                    "--concepts", "checker,pastel,outline", "--betas", "1000", "--merge-betas", "1000",
                                    "--steps", "2", "--n-eval", "2", "--sample-steps", "2", "--wcons", "0,2",
                                    "--num-class-images", "1", "--jobs", "2", "--rel-betas", "2",
@@ -63,7 +63,7 @@ def test_experiments_smoke(random_tiny, tmp_path):
     assert "three parts of subject fidelity" in text
     # --report remakes the same tables from the CSVs alone
     (out / "tinyworld_results.md").unlink()
-    experiments.report(experiments.parse_args(["--out", str(out), "--work", str(work), "--report"]))
+    experiments.report(experiments.parse_args(["--output", str(out), "--work", str(work), "--report"]))
     remade = (out / "tinyworld_results.md").read_text()
     assert "| db merge | 2 |" in remade and "| dco-1000 | " in remade.split("by timestep")[1]
     assert "| db ziplora | 2 |" in remade and "a ZipLoRA merge takes" in remade
@@ -75,7 +75,7 @@ def test_experiments_smoke(random_tiny, tmp_path):
     # --append with a new method: only it runs (and the LoRAs its merges need); nothing already there is repeated
     before = {k: rows(out / f"tinyworld_{k}.csv") for k in ("runs", "merge")}
     experiments.run_parallel(experiments.parse_args(
-        ["--model", random_tiny, "--out", str(out), "--work", str(work), "--seeds", "3", "--concepts",
+        ["--model", random_tiny, "--output", str(out), "--work", str(work), "--seeds", "3", "--concepts",
          "checker,pastel,outline", "--methods", "db,dco-rel", "--rel-betas", "2,5", "--steps", "2", "--n-eval", "2",
          "--sample-steps", "2", "--wcons", "0,2", "--jobs", "2", "--ziplora-steps", "2", "--append"]))
     after = {k: rows(out / f"tinyworld_{k}.csv") for k in ("runs", "merge")}
@@ -130,7 +130,7 @@ def test_cli_runs_on_the_tiny_model_at_its_own_resolution(random_tiny, tmp_path,
     png = str(tmp_path / "x.png")
     sample.main(["--model", random_tiny, "--lora", str(tmp_path / "merged"), "--prompt",
                  "a big <checker> circle at the center on a red background, <pastel> style", "--wcon", "2",
-                 "--n", "1", "--steps", "2", "--out", png])
+                 "--n", "1", "--steps", "2", "--output", png])
     assert Image.open(png).size == (world.SIZE, world.SIZE)
 
 

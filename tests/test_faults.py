@@ -24,8 +24,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import checkpoint
-import files
+from product import run_folder
+from product import files
 import merge
 import sample
 import sdxl
@@ -126,9 +126,9 @@ def test_read_only_output_is_refused_before_loading(tiny_sdxl, base, tmp_path, m
         no_model(monkeypatch)
         msg = error_of(train.main, argv(base[0], tiny_sdxl[0], ro / "out"))
         assert "--output" in msg and "Read-only" in msg
-        msg = error_of(sample.main, ["--model", tiny_sdxl[0], "--prompt", "a dog", "--out", ro / "x.png",
+        msg = error_of(sample.main, ["--model", tiny_sdxl[0], "--prompt", "a dog", "--output", ro / "x.png",
                                      "--device", "cpu"])
-        assert "--out" in msg and "Read-only" in msg
+        assert "--output" in msg and "Read-only" in msg
         msg = error_of(merge.main, [base[1], base[1], "--output", ro / "merged"])
         assert "--output" in msg and "Read-only" in msg
         assert sorted(p.name for p in ro.iterdir()) == ["old"]
@@ -138,7 +138,7 @@ def test_output_that_is_a_file_or_folder_in_the_way(tiny_sdxl, base, tmp_path, m
     no_model(monkeypatch)
     (tmp_path / "afile").write_text("x")
     assert "exists and is not a folder" in error_of(train.main, argv(base[0], tiny_sdxl[0], tmp_path / "afile"))
-    assert "is a folder" in error_of(sample.main, ["--model", tiny_sdxl[0], "--prompt", "a", "--out", tmp_path,
+    assert "is a folder" in error_of(sample.main, ["--model", tiny_sdxl[0], "--prompt", "a", "--output", tmp_path,
                                                    "--device", "cpu"])
 
 
@@ -151,7 +151,7 @@ def test_full_disk_while_training_then_resume(tiny_sdxl, base, tmp_path):
         msg = error_of(train.main, args)
         assert "No space left on device" in msg and "free some space" in msg
         assert msg.endswith(f"the same command with --resume continues from {out / 'checkpoint-2'}")
-        assert [s for s, _ in checkpoint.checkpoints(out)] == [2] and not leftovers(out)
+        assert [s for s, _ in run_folder.checkpoints(out)] == [2] and not leftovers(out)
         assert not any((out / f).exists() for f in FINAL)
         assert [r["step"] for r in read_log(out)] == [0, 1, 2, 3]  # every line whole
         remount(disk, "size=64m")
@@ -164,7 +164,7 @@ def test_full_disk_while_training_then_resume(tiny_sdxl, base, tmp_path):
 def test_full_disk_keeps_the_previous_image(tiny_sdxl, tmp_path):
     with tmpfs(tmp_path / "disk", "512k") as disk:
         cmd = ["--model", tiny_sdxl[0], "--prompt", "a dog", "--device", "cpu", "--steps", "2", "--height", "64",
-               "--out", disk / "x.png", "--n", "1"]
+               "--output", disk / "x.png", "--n", "1"]
         sample.main([str(a) for a in cmd])
         good = (disk / "x.png").read_bytes()
         assert len(good) > 8192  # so it cannot fit in what is left: the write fails midway
@@ -187,11 +187,11 @@ def test_full_disk_during_a_merge_leaves_no_output(base, tmp_path):
 
 def test_a_failed_log_append_leaves_no_torn_line(tmp_path):
     with tmpfs(tmp_path / "disk", "64k") as disk:
-        checkpoint.append_log(disk, {"step": 0, "loss": 1.0})
+        run_folder.append_log(disk, {"step": 0, "loss": 1.0})
         before = (disk / "log.jsonl").read_bytes()
         fill(disk)
         with pytest.raises(OSError) as e:
-            checkpoint.append_log(disk, {"step": 1, "loss": 1.0, "pad": "x" * 20000})  # more than the page's slack
+            run_folder.append_log(disk, {"step": 1, "loss": 1.0, "pad": "x" * 20000})  # more than the page's slack
         assert e.value.errno == errno.ENOSPC
         assert (disk / "log.jsonl").read_bytes() == before
 
@@ -235,7 +235,7 @@ def test_interrupted_final_save_is_refused_then_resume_repairs(tiny_sdxl, base, 
     assert same_tensors(base[1] / files.EMBEDS_FILE, out / files.EMBEDS_FILE)  # new ...
     assert not same_tensors(base[1] / files.PEFT_FILE, out / files.PEFT_FILE)  # ... and old: a mixed set
     msg = error_of(sample.main, ["--model", tiny_sdxl[0], "--lora", out, "--prompt", "a <dog>", "--device", "cpu",
-                                 "--out", tmp_path / "x.png"])
+                                 "--output", tmp_path / "x.png"])
     assert "interrupted" in msg and "--resume" in msg
     assert "interrupted" in error_of(merge.main, [out, base[1], "--output", tmp_path / "m"])
     train.main(args)  # at its last step: re-exports the final set from checkpoint-4
@@ -247,20 +247,20 @@ def test_interrupted_final_save_is_refused_then_resume_repairs(tiny_sdxl, base, 
 def test_ctrl_c_before_the_first_checkpoint_then_the_same_command(tiny_sdxl, base, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = [str(a) for a in argv(base[0], tiny_sdxl[0], out, "--checkpoint-every", "2")]
-    real, calls = checkpoint.append_log, []
+    real, calls = run_folder.append_log, []
 
     def ctrl_c_at_step_1(folder, record):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
         real(folder, record)
-    monkeypatch.setattr(checkpoint, "append_log", ctrl_c_at_step_1)
+    monkeypatch.setattr(run_folder, "append_log", ctrl_c_at_step_1)
     with pytest.raises(SystemExit) as e:
         train.main(args)
     assert e.value.code == 130
     assert capsys.readouterr().err.splitlines()[-1] == ("interrupted; no checkpoint was saved yet: run the same "
                                                         "command again")
-    monkeypatch.setattr(checkpoint, "append_log", real)
+    monkeypatch.setattr(run_folder, "append_log", real)
     assert "without --resume" in error_of(train.main, args + ["--resume"])
     train.main(args)  # as it says
     assert "stopped before its first checkpoint" in capsys.readouterr().err
@@ -289,7 +289,7 @@ def test_changed_images_or_settings_are_refused_on_resume(tiny_sdxl, base, tmp_p
     resume = argv(images, tiny_sdxl[0], out, "--checkpoint-every", "2", "--resume", "--steps", "6")
     config = json.loads((out / "train_config.json").read_text())
     moved = {**config, "images": [str(images / Path(p).name) for p in config["images"]]}
-    checkpoint.check_same_images(out, config, moved)  # the same images in another folder: fine
+    run_folder.check_same_images(out, config, moved)  # the same images in another folder: fine
     config = moved  # as if the run had used this copy
     (out / "train_config.json").write_text(json.dumps(config))
     msg = error_of(train.main, resume + ["--rank", "8"])
@@ -318,7 +318,7 @@ def test_a_second_run_in_the_folder_is_refused_and_a_killed_ones_lock_is_not(tin
             p.wait()
     assert (out / ".lock").exists()  # left by the killed run: stale, it must not block
     (out / "checkpoint-999.tmp-99999999").mkdir()  # as a checkpoint being written when the SIGKILL came
-    last = checkpoint.checkpoints(out)[-1][0]
+    last = run_folder.checkpoints(out)[-1][0]
     train.main(args[:-2] + ["--steps", str(last + 2), "--resume"])
     assert (out / files.PEFT_FILE).is_file() and not (out / ".lock").exists() and not leftovers(out)
 
@@ -365,7 +365,7 @@ def test_damaged_model_files_are_one_line(case, tiny_sdxl, base, tmp_path):
         (bad / "config.json").write_text(json.dumps(config))
     lora_arg = str(bad) if case == "lora-pickle" else str(lora)
     msg = error_of(sample.main, ["--model", model, "--lora", lora_arg, "--prompt", "a <dog>", "--device", "cpu",
-                                 "--out", tmp_path / "x.png", "--steps", "1"])
+                                 "--output", tmp_path / "x.png", "--steps", "1"])
     assert str(bad) in msg
     if case == "unet-of-another-model":
         assert "do not fit its config.json" in msg
@@ -442,7 +442,7 @@ def test_long_captions_and_prompts_are_warned(tiny_sdxl, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "0.txt: the caption is" in err and "only the first 75 are read" in err
     sample.main(["--model", str(tiny_sdxl[0]), "--prompt", "a dog " * 50, "--device", "cpu", "--steps", "1",
-                 "--height", "64", "--n", "1", "--out", str(tmp_path / "x.png")])
+                 "--height", "64", "--n", "1", "--output", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert "warning: --prompt is" in err and "CLIP tokens; only the first 75 are read" in err
 
@@ -456,7 +456,7 @@ def test_non_finite_numbers_are_refused(tool, flag, value, tiny_sdxl, base, tmp_
         arg = f"{base[1]}:{value}" if flag == "--lora" else value
         extra = [] if flag == "--lora" else ["--lora", base[1]]
         msg = error_of(sample.main, ["--model", tiny_sdxl[0], "--prompt", "a <dog>", "--device", "cpu", flag, arg,
-                                     *extra, "--out", tmp_path / "x.png"])
+                                     *extra, "--output", tmp_path / "x.png"])
     elif tool == "train":
         msg = error_of(train.main, argv(base[0], tiny_sdxl[0], tmp_path / "out", flag, value))
     else:
@@ -480,7 +480,7 @@ def test_a_nan_loss_stops_training_before_any_save(tiny_sdxl, base, tmp_path):
     print(msg)
     assert msg.startswith("step 3: the loss") and "timesteps [" in msg and "--lr" in msg and "--beta" in msg
     assert str(out / "checkpoint-2") in msg
-    assert [s for s, _ in checkpoint.checkpoints(out)] == [2] and not any((out / f).exists() for f in FINAL)
+    assert [s for s, _ in run_folder.checkpoints(out)] == [2] and not any((out / f).exists() for f in FINAL)
     assert [r["step"] for r in read_log(out)] == [0, 1, 2]
     # --resume, as the message says, in this same process while the failed run's traceback (and lock) is still held
     train.main([str(a) for a in argv(base[0], tiny_sdxl[0], out, "--checkpoint-every", "2", "--resume")])
@@ -493,13 +493,13 @@ def test_devices_are_checked(tiny_sdxl, base, tmp_path, monkeypatch):
     assert "--device gpu0" in msg
     if not torch.cuda.is_available():
         msg = error_of(sample.main, ["--model", tiny_sdxl[0], "--prompt", "a", "--device", "cuda",
-                                     "--out", tmp_path / "x.png"])
+                                     "--output", tmp_path / "x.png"])
         assert "--device cuda" in msg and "no CUDA" in msg
 
 
 def test_a_size_that_cannot_be_allocated_is_one_line(tiny_sdxl, tmp_path):
     msg = error_of(sample.main, ["--model", tiny_sdxl[0], "--prompt", "a dog", "--device", "cpu", "--steps", "1",
-                                 "--height", "8000000", "--n", "1", "--out", tmp_path / "x.png"])
+                                 "--height", "8000000", "--n", "1", "--output", tmp_path / "x.png"])
     assert "out of memory" in msg and "--height" in msg
     assert not (tmp_path / "x.png").exists()
 
@@ -508,12 +508,12 @@ def test_a_cut_off_final_save_without_checkpoints_starts_again(tmp_path, capsys)
     """--checkpoint-every 0: nothing to resume from, so the same command starts the run again."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / checkpoint.CONFIG_FILE).write_text("{}")
+    (out / run_folder.CONFIG_FILE).write_text("{}")
     (out / files.PEFT_FILE).write_bytes(b"")
     with pytest.raises(ValueError, match="already holds a training run"):  # finished: kept
-        checkpoint.check_run_folder(str(out), {}, False, 4)
+        run_folder.check_run_folder(str(out), {}, False, 4)
     (out / files.FINAL_INCOMPLETE).touch()
-    assert checkpoint.check_run_folder(str(out), {}, False, 4) is None
+    assert run_folder.check_run_folder(str(out), {}, False, 4) is None
     assert "starting it again" in capsys.readouterr().err
 
 

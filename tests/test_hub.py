@@ -1,4 +1,4 @@
-"""hub.py against a fake Hugging Face hub served on 127.0.0.1, so nothing here needs the network.
+"""product/hub.py against a fake Hugging Face hub served on 127.0.0.1, so nothing here needs the network.
 
 The fake hub answers the few requests huggingface_hub makes to download a model repo:
   GET  /api/models/{repo}[/revision/{rev}] repo info: its commit `sha` (what `main` points to)
@@ -25,9 +25,9 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from hub import select_hub_files
+from product.hub import select_hub_files
 
-ROOT = Path(__file__).resolve().parent.parent  # the repo root, where hub.py lives
+ROOT = Path(__file__).resolve().parent.parent  # the repo root, where the package product/ lives
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 # What a PyTorch load of SDXL needs: configs, tokenizers and the fp16 safetensors of the four models.
@@ -206,7 +206,7 @@ def dead_endpoint():
 
 SCRIPT = """
 import json, sys
-import hub
+from product import hub
 results = []
 for args, kwargs in json.loads(sys.argv[1]):
     try:

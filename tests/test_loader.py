@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import single_file
+from product import single_file
 from sdxl import load_sdxl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +104,7 @@ def test_text_encoder_saved_by_transformers5_loads(tiny_sdxl, ours, tmp_path):
 
 def test_single_file_checkpoint_loads_like_the_folder(tiny_sdxl, ours, tmp_path):
     folder, _ = tiny_sdxl
-    from hub import MODEL_COMPONENTS
+    from product.hub import MODEL_COMPONENTS
     import json
     comps = {c: load_file(str(folder / c / f"{stem}.safetensors")) for c, stem in MODEL_COMPONENTS.items()}
     cfgs = [json.load(open(folder / c / "config.json")) for c in ("unet", "vae", "text_encoder", "text_encoder_2")]
@@ -132,7 +132,7 @@ def _one_line_error(r, *words):
 
 
 def test_cli_loads_folder(tiny_sdxl):
-    r = _cli("--model", str(tiny_sdxl[0]), "--dtype", "fp32")
+    r = _cli("--model", str(tiny_sdxl[0]), "--precision", "fp32")
     assert r.returncode == 0, r.stderr
     assert "unet" in r.stdout and "49,408" in r.stdout
 

@@ -247,7 +247,7 @@ def test_into_base_bakes_the_sum_into_a_unet_file(tiny_sdxl, tmp_path, base, lor
     shutil.copytree(tiny_sdxl[0], model)
     target = model / "unet" / "diffusion_pytorch_model.safetensors"
     _run(tiny_sdxl, loras["dog"][0], loras["style"][0], loras["toy"][0], "--weights", 0.7, 1.3, 2,
-         "--into-base", target, "--dtype", "fp32")
+         "--into-base", target, "--precision", "fp32")
     baked = load_sdxl(str(model)).unet
     want = copy.deepcopy(base.unet)
     for name, w in (("dog", 0.7), ("style", 1.3), ("toy", 2.0)):

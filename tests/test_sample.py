@@ -412,7 +412,7 @@ def test_lora_errors(tmp_path, fresh, loras):
 
 def _cli(tiny_sdxl, out, *args):
     sample.main(["--model", str(tiny_sdxl[0]), "--device", "cpu", "--steps", "2", "--height", "64", "--width", "64",
-                 "--out", str(out), *args])
+                 "--output", str(out), *args])
 
 
 def test_cli_one_image_with_metadata(tiny_sdxl, tmp_path, fresh, loras):

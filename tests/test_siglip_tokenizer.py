@@ -1,11 +1,11 @@
-"""Our SentencePiece unigram tokenizer (siglip.py) against transformers' SiglipTokenizer (slow, sentencepiece-backed),
+"""Our SentencePiece unigram tokenizer (evaluation/siglip.py) against transformers' SiglipTokenizer (slow, sentencepiece-backed),
 on a model trained here with SigLIP's settings (tests/siglip_spm.py)."""
 import random
 
 import pytest
 from transformers import SiglipTokenizer as HFSiglipTokenizer
 
-from siglip import SiglipTokenizer, read_spiece_model
+from evaluation.siglip import SiglipTokenizer, read_spiece_model
 from siglip_spm import WORDS, captions, write_siglip_tokenizer_folder
 
 # Prompts the captions above do not cover: NFKC folding (full-width letters, ligatures, circled digits, decomposed

@@ -1,4 +1,4 @@
-"""Tests for single_file.py: SGM single-file <-> diffusers hub layout.
+"""Tests for product/single_file.py: SGM single-file <-> diffusers hub layout.
 
 The real key map is checked name by name against tests/data/sdxl/unet_layout.json and vae_keys.tsv and against the
 SHA-256 digests of key lists recorded in KEYS.md; the tensor conversion is checked by round trips on tiny random
@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import single_file as sf
+from product import single_file as sf
 
 DATA = Path(__file__).parent / "data" / "sdxl"
 

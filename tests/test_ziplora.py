@@ -1,4 +1,4 @@
-"""ziplora.py and merge.py --method ziplora: at its initial coefficients (all ones) ZipLoRA is the plain sum, bit for
+"""baselines/ziplora.py and merge.py --method ziplora: at its initial coefficients (all ones) ZipLoRA is the plain sum, bit for
 bit in the written files; the optimisation lowers its loss on held-out batches; the result is an ordinary LoRA in
 both formats whose update is a column scaling of each LoRA's, which diffusers loads and which keeps both concepts'
 tokens; bad input is one line. Tiny random SDXL (tests/tiny_sdxl.py), CPU, fp32."""
@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 import merge
 import sample
-import ziplora
+from baselines import ziplora
 from lora import KOHYA_FILE, PEFT_FILE, UNET_ATTN, apply_lora, load_lora_file, save_lora_peft
 from sdxl import load_sdxl
 

@@ -119,7 +119,7 @@ NOTES = """* Image 32x32; VAE downsampling factor 2 (`2 ** (len(block_out_channe
 * New concepts (reference images in `tinyworld/concepts/<name>/`, kohya layout): subjects `<checker>` (class word
   circle, init word `yellow`) and `<striped>` (square, `blue`); styles `<pastel>` and `<outline>` (init word
   `flat`: every base caption ends in "flat style").
-* These weights are a clean run of `python -m tinyworld.pretrain` (new --work folder; --out/--work change no
+* These weights are a clean run of `python -m tinyworld.pretrain` (new --work folder; --output/--work change no
   weight) on this repo's 2-core machine, otherwise idle, on 2026-12-01: 25.5 min in all (VAE 2.7 min for 1,500
   steps at 0.11 s; UNet + text encoders 3,000 steps of 32 at ~0.45 s), 1 thread. The run is deterministic: two
   clean runs of a shortened recipe gave bit-identical weights. (The model shipped before, most likely made in a work
@@ -139,7 +139,7 @@ def main(argv=None):
     p.add_argument("--sweep-n", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", default=os.path.join(DOCS, "tinyworld_base.md"))
+    p.add_argument("--output", default=os.path.join(DOCS, "tinyworld_base.md"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -165,8 +165,8 @@ def main(argv=None):
     rows, labels = sweep_grid(sd, args.steps, args.cfg, args.seed)
     rand = [upscale(im) for im in images[:12]]
     grid = make_grid(rows + [rand], labels + ["random"])
-    png = os.path.splitext(args.out)[0] + "_samples.png"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    png = os.path.splitext(args.output)[0] + "_samples.png"
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
     grid.save(png)
 
     table, meta = model_table(sd, args.model)
@@ -214,10 +214,10 @@ def main(argv=None):
               "background, flat style\", two samples per value: bg green, blue, yellow, purple, white; color red, "
               "green, blue, yellow, purple; kind circle, square, triangle, cross; position top left, top right, bottom "
               "left, bottom right, center; size small, big. The last row: the first 12 random prompts of the table."]
-    with open(args.out, "w") as f:
+    with open(args.output, "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"wrote {args.out} and {png}")
+    print(f"wrote {args.output} and {png}")
 
 
 if __name__ == "__main__":

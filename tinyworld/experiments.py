@@ -208,7 +208,7 @@ def model_digest(model):
 
 def run_parallel(args):
     """--jobs N: the concepts split by merge pair over N forked worker processes (one CPU thread each), every worker
-    a plain run() into its own folder under --work; then their CSV rows gathered into --out and the report made.
+    a plain run() into its own folder under --work; then their CSV rows gathered into --output and the report made.
     On 2 cores, 2 jobs take about half the time of one."""
     groups = [[c for c in pair if c in args.concepts] for pair in PAIRS]
     groups = [g for g in groups if g] + [[c] for c in args.concepts if not any(c in p for p in PAIRS)]
@@ -216,8 +216,8 @@ def run_parallel(args):
     outs = [os.path.join(args.work, f"job{k}") for k in range(len(jobs))]
     ctx = multiprocessing.get_context("fork")  # workers inherit the loaded modules; no re-import per process
     t_start = time.time()
-    done_from = args.out if args.append else None  # workers skip what --out's CSVs already have
-    procs = [ctx.Process(target=_worker, args=(replace_args(args, concepts=c, out=o, append=False, jobs=1,
+    done_from = args.output if args.append else None  # workers skip what --output's CSVs already have
+    procs = [ctx.Process(target=_worker, args=(replace_args(args, concepts=c, output=o, append=False, jobs=1,
                                                             done_from=done_from),))
              for c, o in zip(jobs, outs)]
     for p in procs:
@@ -226,8 +226,8 @@ def run_parallel(args):
         p.join()
     if any(p.exitcode for p in procs):
         raise RuntimeError(f"--jobs: a worker failed (exit codes {[p.exitcode for p in procs]}); see its log above")
-    os.makedirs(args.out, exist_ok=True)
-    for key, path in csv_paths(args.out).items():
+    os.makedirs(args.output, exist_ok=True)
+    for key, path in csv_paths(args.output).items():
         old = read_csv(path) if args.append else []
         new = [r for o in outs for r in read_csv(csv_paths(o)[key])]
         if os.path.exists(path):
@@ -250,7 +250,7 @@ def _worker(args):
 
 
 def write_run_json(args, minutes):
-    made, before = os.path.join(args.out, "tinyworld_run.json"), {"command": "", "minutes": 0}
+    made, before = os.path.join(args.output, "tinyworld_run.json"), {"command": "", "minutes": 0}
     if args.append and os.path.exists(made):
         before = json.load(open(made))
     with open(made, "w") as f:  # what --report later says made the CSVs
@@ -262,13 +262,13 @@ def write_run_json(args, minutes):
 def run(args, make_report=True):
     args.digest = model_digest(args.model)
     os.makedirs(args.work, exist_ok=True)
-    os.makedirs(args.out, exist_ok=True)
-    csvs = csv_paths(args.out)
+    os.makedirs(args.output, exist_ok=True)
+    csvs = csv_paths(args.output)
     for path in csvs.values():  # a fresh run (unless --append); rows are appended as runs finish
         if os.path.exists(path) and not args.append:
             os.remove(path)
     # --append: what the CSVs already hold is not run again (a restart, or new methods added to an old run)
-    done = csv_paths(getattr(args, "done_from", None) or args.out) \
+    done = csv_paths(getattr(args, "done_from", None) or args.output) \
         if args.append or getattr(args, "done_from", None) else {"runs": "", "merge": ""}
     done_runs = {(r["concept"], r["method"], r["seed"]) for r in read_csv(done["runs"])}
     done_merges = {(r["subject"], r["style"], r["method"], r["seed"]) for r in read_csv(done["merge"])}
@@ -517,9 +517,9 @@ def follow_up(runs, merges):
 
 
 def report(args):
-    """Plots and docs/tinyworld_results.md from the CSVs in args.out."""
-    csvs = csv_paths(args.out)
-    made = os.path.join(args.out, "tinyworld_run.json")
+    """Plots and docs/tinyworld_results.md from the CSVs in args.output."""
+    csvs = csv_paths(args.output)
+    made = os.path.join(args.output, "tinyworld_run.json")
     made = json.load(open(made)) if os.path.exists(made) else {"command": args.command}
     runs, merges, inter, sat = (read_csv(csvs[k]) for k in ("runs", "merge", "interference", "saturation"))
     if not runs:
@@ -529,7 +529,7 @@ def report(args):
     if names["subject"] and all(r.get("texture") for r in runs if r["kind"] == "subject"):
         # subject fidelity's texture part alone: what the LoRA learned, without the shape and colours it may cost
         panels.insert(1, pareto_panel(runs, "subject", "subjects: texture part only", "texture", "subject texture"))
-    plot.side_by_side(panels).save(os.path.join(args.out, "tinyworld_pareto.png"))
+    plot.side_by_side(panels).save(os.path.join(args.output, "tinyworld_pareto.png"))
     seeds = sorted({int(r["seed"]) for r in runs})
     lines = ["# Tiny-world experiments: results", "",
              f"Made by `{made['command'].strip()}`" + (f" in {made['minutes']} min" if "minutes" in made else "")
@@ -594,7 +594,7 @@ def report(args):
                                                       st["subject_fidelity"][(m, w)][0]) for w in ws],
                                     [wcon_label(w) for w in ws], dashed=m.startswith("db"))
                         for m, ws in series], "style fidelity", "subject fidelity", "merged: subject vs style")
-        plot.side_by_side([a, b]).save(os.path.join(args.out, "tinyworld_merge.png"))
+        plot.side_by_side([a, b]).save(os.path.join(args.output, "tinyworld_merge.png"))
         lines.append("")
     if inter:
         lines += ["## Interference of the two LoRAs of a merge (merge.interference, mean over layers)", "",
@@ -621,13 +621,13 @@ def report(args):
             lines.append(f"| {m} | {pm(st['r'])} | {pm(st['w'])} | "
                          + " | ".join(pm(st[f"w{lo}"]) if f"w{lo}" in st else "–" for lo, _ in T_BINS) + " |")
         lines.append("")
-    figure = os.path.join(args.out, "tinyworld_samples.png")  # made from --work's kept samples; else kept as it is
+    figure = os.path.join(args.output, "tinyworld_samples.png")  # made from --work's kept samples; else kept as it is
     if (os.path.isdir(args.work) and sample_figure(args, figure)) or os.path.exists(figure):
         lines += ["![samples](tinyworld_samples.png)", "",
                   f"First seed, first {SAMPLE_ROWS} evaluation prompts per row (the same prompts and noise in every "
                   "row of a concept).", ""]
     lines += ["![pareto](tinyworld_pareto.png)", ""] + (["![merge](tinyworld_merge.png)", ""] if merges else [])
-    path = os.path.join(args.out, "tinyworld_results.md")
+    path = os.path.join(args.output, "tinyworld_results.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
@@ -641,7 +641,7 @@ def floats(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DreamBooth vs DreamBooth+prior vs DCO in the tiny world (CPU).")
     p.add_argument("--model", default=MODEL_DIR, help="the tiny SDXL (python -m tinyworld.pretrain)")
-    p.add_argument("--out", default=DOCS, help="CSVs, plots and tinyworld_results.md")
+    p.add_argument("--output", default=DOCS, help="CSVs, plots and tinyworld_results.md")
     p.add_argument("--work", default=os.path.join("output", "tinyworld_experiments"),
                    help="LoRAs, merges, class images, kept samples")
     p.add_argument("--concepts", default=",".join([*world.SUBJECTS, *world.STYLES]))
@@ -669,11 +669,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (the concepts split by merge pair): "
                    "--jobs 2 on 2 cores halves the time")
-    p.add_argument("--append", action="store_true", help="keep the rows already in --out's CSVs and add this "
+    p.add_argument("--append", action="store_true", help="keep the rows already in --output's CSVs and add this "
                    "run's (e.g. more betas, a new method): a run or merge the CSVs already hold is not repeated, so "
                    "this also resumes a killed run (a LoRA a new merge needs is retrained if --work lost it)")
     p.add_argument("--ziplora-steps", type=int, default=100, help="ZipLoRA's optimisation steps (merge.py's default)")
-    p.add_argument("--report", action="store_true", help="only remake plots and tables from the CSVs in --out")
+    p.add_argument("--report", action="store_true", help="only remake plots and tables from the CSVs in --output")
     args = p.parse_args(argv)
     args.concepts = [c for c in args.concepts.split(",") if c]
     for c in args.concepts:

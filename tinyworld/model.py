@@ -24,7 +24,7 @@ from collections import Counter
 import torch
 from safetensors.torch import save_file
 
-from files import atomic
+from product.files import atomic
 from text_encoder import CLIPTextModel, bytes_to_unicode
 from unet_loader import UNet
 from vae import AutoencoderKL

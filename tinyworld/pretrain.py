@@ -17,7 +17,7 @@ in its latent space.
 
 Every random draw is a function of (seed, stage, step), so a run killed and restarted with the same command
 resumes from its last checkpoint (in --work) and ends with the same weights. Writes fp32 safetensors atomically
-into --out (tinyworld/model) in the diffusers layout, and prints the command that made them.
+into --output (tinyworld/model) in the diffusers layout, and prints the command that made them.
 """
 import argparse
 import hashlib
@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dco import add_noise, alphas_cumprod, diffusion_loss, min_snr_weights
-from files import save_tensors
+from product.files import save_tensors
 from text_encoder import CLIPTokenizer, encode_prompt
 
 from . import model as M
@@ -297,7 +297,7 @@ def reuse_work_dir(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Pretrain the tiny SDXL on the tiny world (CPU, ~30 min on 2 cores).")
-    p.add_argument("--out", default=M.MODEL_DIR, help="model folder to write (diffusers layout)")
+    p.add_argument("--output", default=M.MODEL_DIR, help="model folder to write (diffusers layout)")
     p.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "tinyworld_pretrain"),
                    help="checkpoints and cached latents; rerun the same command to resume")
     p.add_argument("--seed", type=int, default=0)
@@ -333,8 +333,8 @@ def main(argv=None):
     minutes = (time.time() - t0) / 60
     meta = {"command": command, "seed": str(args.seed),
             "pretrain_args": json.dumps({k: getattr(args, k) for k in VAE_ARGS + UNET_ARGS})}
-    M.save_model(args.out, unet, vae, te, te2, metadata=meta)
-    print(f"wrote {args.out} after {minutes:.1f} min (this process) with:\n  {command}")
+    M.save_model(args.output, unet, vae, te, te2, metadata=meta)
+    print(f"wrote {args.output} after {minutes:.1f} min (this process) with:\n  {command}")
 
 
 if __name__ == "__main__":

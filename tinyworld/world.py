@@ -288,8 +288,8 @@ if __name__ == "__main__":
     import argparse
 
     p = argparse.ArgumentParser(description="Write the new concepts' reference images and captions.")
-    p.add_argument("--out", default=CONCEPTS_DIR, help="one folder per concept is written here")
+    p.add_argument("--output", default=CONCEPTS_DIR, help="one folder per concept is written here")
     args = p.parse_args()
     for name in [*SUBJECTS, *STYLES]:
         c = concept(name)
-        print(f"{write_concept(name, os.path.join(args.out, name))}: token {c.token}, init word {c.init_word}")
+        print(f"{write_concept(name, os.path.join(args.output, name))}: token {c.token}, init word {c.init_word}")

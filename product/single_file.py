@@ -242,16 +242,16 @@ def _bigg_renames(n_layers: int) -> list:
     return pairs
 
 
-def _take(sd: dict, key: str, where: str):
+def _take(state_dict: dict, key: str, where: str):
     try:
-        return sd.pop(key)
+        return state_dict.pop(key)
     except KeyError:
         raise ValueError(f"{where}: missing tensor '{key}'") from None
 
 
-def _check_consumed(sd: dict, where: str):
-    if sd:
-        raise ValueError(f"{where}: {len(sd)} unexpected tensors, e.g. '{next(iter(sd))}'")
+def _check_consumed(state_dict: dict, where: str):
+    if state_dict:
+        raise ValueError(f"{where}: {len(state_dict)} unexpected tensors, e.g. '{next(iter(state_dict))}'")
 
 
 def _bigg_to_hub(sgm: dict, n_layers: int) -> dict:

@@ -2,7 +2,7 @@
 a run (a full disk, Ctrl-C, too little memory), each said in one line that names the file or flag and what to do.
 
 Every CLI's main() runs through `cli`. Our own checks raise ValueError / FileNotFoundError with a finished message;
-the readers in files.py turn decoding errors into such messages naming their file. Anything else unexpected is a
+the readers in product/files.py turn decoding errors into such messages naming their file. Anything else unexpected is a
 bug, not a user error: it keeps its traceback.
 """
 import errno
@@ -33,7 +33,7 @@ def cli(main, *, memory_hint="", next_command=None, quiet=False):
         return main()
     except KeyboardInterrupt:
         message, code = f"interrupted; {again()}", 130
-    except ValueError as e:  # ours, finished (UnicodeDecode/JSONDecode are ValueErrors too, named by files.py)
+    except ValueError as e:  # ours, finished (UnicodeDecode/JSONDecode are ValueErrors too, named by product/files.py)
         message, code = f"error: {e}", 1
     except OSError as e:  # ours (FileNotFoundError with a message); disk full, read-only, a file in the way ...
         where = f"{e.filename}: " if e.filename else ""
@@ -66,7 +66,7 @@ def is_out_of_memory(e):
         "not enough memory" in text or "out of memory" in text.lower()
 
 
-def check_finite(**values):
+def check_numbers(**values):
     """Guidance weights, LoRA weights, beta, learning rates ...: NaN or inf would train or draw nothing (an
     all-black image, NaN weights) without any error of its own."""
     for name, value in values.items():
@@ -92,19 +92,3 @@ def check_device(name):
     elif device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device {name}: use cpu, cuda or cuda:N")
     return device
-
-
-def token_positions(tokenizer, text, token=None):
-    """(the 1-based position of `token`'s first use in `text` or None, the text's length), in content tokens of
-    `tokenizer` (CLIP's BPE, before the new token is added: a learned token counts as one)."""
-    def count(s):
-        return len(tokenizer.encode(s)) if s.strip() else 0
-    if token is None or token not in text:
-        return None, count(text)
-    parts = text.split(token)
-    return count(parts[0]) + 1, sum(count(p) for p in parts) + len(parts) - 1
-
-
-def prompt_window(tokenizer):
-    """How many content tokens CLIP reads: 77 minus the start and end tokens."""
-    return tokenizer.model_max_length - 2

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 PEFT_FILE = "pytorch_lora_weights.safetensors"  # diffusers / PEFT names (load_lora_weights)
 KOHYA_FILE = "lora_kohya.safetensors"  # kohya names (ComfyUI, A1111, sd-scripts)
 EMBEDS_FILE = "learned_embeds.safetensors"  # the learned token rows: {"clip_l": [n, 768], "clip_g": [n, 1280]}
-FINAL_INCOMPLETE = ".final-incomplete"  # present while a run's final files are being switched (checkpoint.py)
+FINAL_INCOMPLETE = ".final-incomplete"  # present while a run's final files are being switched (run_folder.py)
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # the parts of SDXL a LoRA can touch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -248,19 +248,42 @@ def parse_token(text):
     return token.strip(), (word.strip() or None)
 
 
-def official_tokens(config, name):
-    """The tokens of an entry of the official DCO data config.json -> [(token, init word)]: its
-    'inserting_tokens' and 'initializer_tokens' (kyungmnlee/dco@164ae17 README, "Data Preparation")."""
-    try:
-        with open(config, encoding="utf-8") as f:
-            configs = json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--config {config}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--config {config}: not valid JSON ({e})") from None
+def official_entry(config, name):
+    """The entry `name` of the official DCO data config.json (kyungmnlee/dco@164ae17 README, "Data Preparation"):
+    {name: {images, prompts, base_prompts, inserting_tokens, initializer_tokens}}."""
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"--config {config}: no such file")
+    configs = read_json(config)
     if not isinstance(configs, dict) or not all(isinstance(c, dict) for c in configs.values()):
         raise ValueError(f"--config {config}: expected the official format, {{name: {{images, prompts, ...}}}}")
     if name not in configs:
         raise ValueError(f"--config-name {name}: not in {config} (it has {', '.join(configs)})")
-    tokens, words = configs[name].get("inserting_tokens", []), configs[name].get("initializer_tokens", [])
+    return configs[name]
+
+
+def official_tokens(config, name):
+    """The learned tokens of an entry of the official data config -> [(token, init word or None)]."""
+    cfg = official_entry(config, name)
+    tokens, words = cfg.get("inserting_tokens", []), cfg.get("initializer_tokens", [])
     return [(t, words[i] if i < len(words) else None) for i, t in enumerate(tokens)]
+
+
+def read_official_config(config, name):
+    """train.py --config: an entry's training data -> (image paths, captions, base prompts or None, tokens, init
+    words). Image paths are relative to the official repo's root (the working directory), else to the config's
+    folder."""
+    cfg, here = official_entry(config, name), os.path.dirname(os.path.abspath(config))
+    missing = [k for k in ("images", "prompts") if not isinstance(cfg.get(k), list)]
+    if missing:
+        raise ValueError(f"--config {config}: '{name}' needs the list(s) {', '.join(missing)}")
+    paths = [p if os.path.exists(p) else os.path.join(here, p) for p in cfg["images"]]
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{config}: image {p} not found")
+    captions, base = list(cfg["prompts"]), cfg.get("base_prompts")
+    if len(captions) != len(paths) or (base is not None and len(base) != len(paths)):
+        raise ValueError(f"{config}: '{name}' needs one prompt (and base prompt) per image")
+    tokens, inits = cfg.get("inserting_tokens", []), cfg.get("initializer_tokens", [])
+    if len(tokens) != len(inits) or not all(inits):
+        raise ValueError(f"{config}: give one non-empty initializer_token per inserting_token")
+    return paths, captions, base, tokens, inits

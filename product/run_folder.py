@@ -19,14 +19,19 @@ import json
 import math
 import os
 import socket
+import statistics
 import sys
+import time
 import weakref
 
 import torch
 
-from files import (EMBEDS_FILE, FINAL_INCOMPLETE, PEFT_FILE, atomic, check_writable, load_tensors, read_json, read_text,
-                   remove_temporaries, save_tensors, write_json)
+from tqdm import tqdm
+
 from lora import load_lora_file, lora_modules, save_lora_kohya, save_lora_peft
+from product.distributed import average, barrier, gather
+from product.files import (EMBEDS_FILE, FINAL_INCOMPLETE, PEFT_FILE, atomic, check_writable, load_tensors, read_json,
+                           read_text, remove_temporaries, save_image, save_tensors, write_json)
 
 CONFIG_FILE, LOG_FILE = "train_config.json", "log.jsonl"
 # Settings a resumed run must share with the run it continues: they shape the LoRA, the data or the draws.
@@ -176,9 +181,9 @@ def start_run(out, config):
     return lock
 
 
-def resume(path, unet, embeds, opt, scaler, steps, master=True):
+def resume(path, unet, new_tokens, opt, scaler, steps, master=True):
     """--resume: restore the checkpoint at `path` and drop the log lines after it -> the step to continue from."""
-    start = load_checkpoint(path, unet, embeds, opt, scaler)
+    start = load_checkpoint(path, unet, new_tokens, opt, scaler)
     if master:
         truncate_log(os.path.dirname(path), start)
         print(f"resuming from {path}" if start < steps else f"{path} is the run's last step: writing its final "
@@ -186,15 +191,16 @@ def resume(path, unet, embeds, opt, scaler, steps, master=True):
     return start
 
 
-def save_lora(folder, unet, embeds, meta):
+def save_lora(folder, unet, new_tokens, meta):
     """pytorch_lora_weights.safetensors (+ learned_embeds.safetensors, as the official repo: {"clip_l": [k,768],
     "clip_g": [k,1280]}, which diffusers' load_textual_inversion takes one encoder at a time)."""
     save_lora_peft(folder, {"unet": unet}, meta)
-    if embeds:
-        save_tensors(os.path.join(folder, EMBEDS_FILE), {"clip_l": embeds[0].rows, "clip_g": embeds[1].rows}, meta)
+    if new_tokens:
+        rows = {"clip_l": new_tokens[0].rows, "clip_g": new_tokens[1].rows}
+        save_tensors(os.path.join(folder, EMBEDS_FILE), rows, meta)
 
 
-def save_final(out, unet, embeds, meta, bundle=False):
+def save_final(out, unet, new_tokens, meta, bundle=False):
     """The run's deliverables: the LoRA in both formats and the token rows, as one set.
 
     They stay directly in out/ (where diffusers' load_lora_weights(out) and sample.py look), so the set cannot be
@@ -206,9 +212,9 @@ def save_final(out, unet, embeds, meta, bundle=False):
     staging = os.path.join(out, ".final")
     with atomic(staging) as tmp:
         os.makedirs(tmp)
-        save_lora(tmp, unet, embeds, meta)
-        tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()] if bundle and embeds else []
-        bundled = {t: {"clip_l": embeds[0].rows[i:i + 1], "clip_g": embeds[1].rows[i:i + 1]}
+        save_lora(tmp, unet, new_tokens, meta)
+        tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()] if bundle and new_tokens else []
+        bundled = {t: {"clip_l": new_tokens[0].rows[i:i + 1], "clip_g": new_tokens[1].rows[i:i + 1]}
                    for i, t in enumerate(tokens)}
         save_lora_kohya(tmp, {"unet": unet}, unet.config, meta, embeddings=bundled)
     marker = os.path.join(out, FINAL_INCOMPLETE)
@@ -219,7 +225,7 @@ def save_final(out, unet, embeds, meta, bundle=False):
     os.unlink(marker)
 
 
-def check_finite(out, record, mixed_precision, params=()):
+def check_step_finite(out, record, precision, params=()):
     """After every step (the loss and reward, already on the CPU) and before every save (the weights, ~1,100
     tensors: only then): NaN/inf stops the run before anything is saved over the last good checkpoint. AdamW has
     already applied the step, so the weights in memory are lost."""
@@ -227,7 +233,7 @@ def check_finite(out, record, mixed_precision, params=()):
     if not bad and (not params or torch.isfinite(sum(p.detach().float().sum() for p in params))):
         return
     found = checkpoints(out)
-    cause = ("fp16 overflow (--mixed-precision bf16, or an fp16-safe VAE), " if mixed_precision == "fp16" else "") + \
+    cause = ("fp16 overflow (--precision bf16, or an fp16-safe VAE), " if precision == "fp16" else "") + \
         "too high a --lr / --ti-lr, or too large a --beta"
     what = f"the {' and '.join(bad)}" if bad else "the weights after the update"
     raise ValueError(f"step {record['step']}: {what} became NaN/inf (timesteps {record['t']}); likely {cause}. "
@@ -235,22 +241,22 @@ def check_finite(out, record, mixed_precision, params=()):
                      f"{'--resume' if found else 'run again'}")
 
 
-def save_checkpoint(path, unet, embeds, opt, scaler, step, meta):
+def save_checkpoint(path, unet, new_tokens, opt, scaler, step, meta):
     """LoRA + token rows + AdamW state + step, written as one folder that appears whole or not at all."""
     with atomic(path) as tmp:
         os.makedirs(tmp)
-        save_lora(tmp, unet, embeds, meta)
+        save_lora(tmp, unet, new_tokens, meta)
         state = opt.state_dict()["state"]
         save_tensors(os.path.join(tmp, "optimizer.safetensors"),  # "3.exp_avg", "3.step", ...
                      {f"{i}.{k}": v for i, s in state.items() for k, v in s.items()})
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "scaler": scaler.state_dict()})
 
 
-def load_checkpoint(path, unet, embeds, opt, scaler):
+def load_checkpoint(path, unet, new_tokens, opt, scaler):
     """Restore what save_checkpoint wrote -> the step to continue from. A damaged checkpoint (a disk fault after it
     was written) is named, with the previous complete one to fall back to."""
     try:
-        return _load_checkpoint(path, unet, embeds, opt, scaler)
+        return _load_checkpoint(path, unet, new_tokens, opt, scaler)
     except (ValueError, KeyError, OSError) as e:
         earlier = [p for _, p in checkpoints(os.path.dirname(path)) if p != path][-1:]
         hint = (f"move {path} away and --resume continues from {earlier[0]}" if earlier else
@@ -259,16 +265,16 @@ def load_checkpoint(path, unet, embeds, opt, scaler):
 
 
 @torch.no_grad()
-def _load_checkpoint(path, unet, embeds, opt, scaler):
+def _load_checkpoint(path, unet, new_tokens, opt, scaler):
     """The learning rates come from the arguments."""
     layers = load_lora_file(os.path.join(path, PEFT_FILE))[0]["unet"]
     for name, m in lora_modules(unet).items():
         m.lora_down.weight.copy_(layers[name][0])
         m.lora_up.weight.copy_(layers[name][1])
-    if embeds:
+    if new_tokens:
         rows = load_tensors(os.path.join(path, EMBEDS_FILE))
-        embeds[0].rows.copy_(rows["clip_l"])
-        embeds[1].rows.copy_(rows["clip_g"])
+        new_tokens[0].rows.copy_(rows["clip_l"])
+        new_tokens[1].rows.copy_(rows["clip_g"])
     state = {}
     for key, v in load_tensors(os.path.join(path, "optimizer.safetensors")).items():
         i, k = key.split(".", 1)
@@ -311,3 +317,106 @@ def append_log(out, record):
             raise
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The run as train() goes through it
+
+class Run:
+    """A training run's folder, in the order train() uses it: checked before the model loads (preflight), started
+    once the settings are known (the checks of --resume, the lock, train_config.json), restored from its last
+    checkpoint, a log line per step, checkpoints with sample images, and the final files. Under torchrun every
+    process checks and agrees, and only rank 0 (master) writes or prints."""
+
+    def __init__(self, out, master=True, checkpoint_every=0, class_dir=None):
+        self.out, self.master, self.checkpoint_every = out, master, checkpoint_every
+        self.lock = self.resume_from = self.bar = None
+        self.times, self.t0 = [], None
+        if master:
+            preflight(out, class_dir)  # before the model is loaded: the folders can be written, no run is there
+
+    def say(self, text):
+        if self.master:
+            print(text)
+
+    def start(self, config, resume, steps, metadata):
+        """Check the folder against the run's settings (before any write), then take it: lock, train_config.json.
+        metadata: what every LoRA file written carries (train_cli.lora_file_metadata)."""
+        self.config, self.metadata = config, metadata
+        self.resume_from = check_run_folder(self.out, config, resume, steps, self.master)
+        barrier()  # every process has checked the folder before rank 0 writes to it
+        if self.master:
+            self.lock = start_run(self.out, config)
+
+    def restore(self, unet, new_tokens, opt, scaler, steps):
+        """--resume: the last checkpoint's weights and AdamW state -> the step to continue from (0 for a new run)."""
+        return resume(self.resume_from, unet, new_tokens, opt, scaler, steps, self.master) if self.resume_from else 0
+
+    def steps(self, start, total):
+        """The steps still to train, behind a progress bar (rank 0's); each step's time is taken for log()."""
+        self.bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not self.master)
+        for step in self.bar:
+            self.t0 = time.perf_counter()
+            yield step
+
+    def log(self, step, loss, reward, t, lr):
+        """The global batch's loss and rewards (every process joins these collectives), checked for NaN/inf on
+        every process (so they stop together), and logged by rank 0."""
+        self.times.append(time.perf_counter() - self.t0)
+        loss, reward = average(loss), (None if reward is None else gather(reward))
+        self.record = log_record(step, loss, reward, t, lr, self.times[-1])
+        check_step_finite(self.out, self.record, self.config["precision"])
+        if self.master:
+            append_log(self.out, self.record)
+            self.bar.set_postfix({k: f"{self.record[k]:.4g}" for k in ("loss", "implicit_reward") if k in self.record})
+
+    def checkpoint_due(self, done, steps):
+        """After `done` steps: rank 0 checkpoints (and samples) every --checkpoint-every steps and at the end."""
+        return self.master and (done == steps or bool(self.checkpoint_every and done % self.checkpoint_every == 0))
+
+    def checkpoint(self, done, unet, new_tokens, opt, scaler, params, samples=None):
+        """The weights are checked first (nothing NaN is ever saved); with --checkpoint-every 0 only that and the
+        samples. samples() -> the sample images of the model as it is now."""
+        check_step_finite(self.out, self.record, self.config["precision"], params)
+        if self.checkpoint_every:
+            save_checkpoint(os.path.join(self.out, f"checkpoint-{done}"), unet, new_tokens, opt, scaler, done,
+                            self.metadata)
+        for i, image in enumerate(samples() if samples else []):
+            save_image(image, os.path.join(self.out, "samples", f"step{done:06d}-{i}.png"))
+
+    def finish(self, unet, new_tokens, bundle=False, device=None):
+        """Rank 0: the final set (save_final), the lock released, the speed and peak memory printed."""
+        if self.master:
+            save_final(self.out, unet, new_tokens, self.metadata, bundle=bundle)
+            self.lock.release()
+            print_resources(self.times, device)
+
+
+def log_record(step, loss, reward, t, lr, seconds):
+    """A line of log.jsonl: the step, its loss, learning rate and timesteps, and for DCO the implicit reward (mean,
+    and per sample: DCO's gradient weight 2 sigmoid(-beta r) depends on t, see docs/training.md), and its time."""
+    record = {"step": step, "loss": loss.item(), "lr": lr, "t": t.tolist()}
+    if reward is not None:
+        record["implicit_reward"] = reward.mean().item()
+        record["implicit_rewards"] = reward.tolist()
+    record["time"] = seconds
+    return record
+
+
+def peak_memory(device):
+    """Peak memory of this process so far, in bytes: the CUDA allocator's peak on a GPU, the peak resident set on a
+    CPU (Linux VmHWM; 0 where /proc is missing)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def print_resources(times, device):
+    if times:
+        what = "max_memory_allocated" if device.type == "cuda" else "peak RSS"
+        print(f"median {statistics.median(times):.3g} s/step over {len(times)} steps; peak memory "
+              f"{peak_memory(device) / 2 ** 30:.2f} GiB ({what})")

@@ -134,7 +134,7 @@ def ziplora_loss(unet, zipped, batch_a, batch_b, lam=LAMBDA):
 def concept_data(sd, folder, device):
     """A trainer's output folder -> (VAE latent mean, logvar, captions encoded, time_ids): the concept's own training
     images and captions, as train_config.json records them."""
-    from train import load_image  # its image preprocessing, so the latents are the ones the LoRA was trained on
+    from product.images import load_image  # train.py's preprocessing: the latents the LoRA was trained on
     config = os.path.join(folder, "train_config.json")
     if not os.path.isfile(config):
         raise ValueError(f"--method ziplora: {folder} has no train_config.json; ZipLoRA fits the merge on each LoRA's "

@@ -5,6 +5,7 @@ exports, two 7 GB single-file checkpoints). `select_hub_files` picks the configs
 safetensors weights per model -- the fp16 variant where the repo has one -- and `download` fetches just those
 into the standard HF cache, so a second run downloads nothing.
 """
+SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"  # the one hub id every CLI defaults to
 MODEL_COMPONENTS = {  # folder -> stem of its weight files
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
