@@ -104,7 +104,8 @@ def sample_noise(like, offset_noise=0.0, generator=None):
     learn very dark or bright images; 0 disables it."""
     eps = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
     if offset_noise:
-        eps = eps + offset_noise * torch.randn(*like.shape[:2], 1, 1, generator=generator, device=like.device, dtype=like.dtype)
+        eps = eps + offset_noise * torch.randn(*like.shape[:2], 1, 1, generator=generator, device=like.device,
+                                               dtype=like.dtype)
     return eps
 
 
@@ -152,45 +153,33 @@ def prior_preservation_loss(eps_pred, eps, eps_pred_prior, eps_prior, prior_weig
     return diffusion_loss(eps_pred, eps, weights) + prior_weight * diffusion_loss(eps_pred_prior, eps_prior)
 
 
-def dco_loss(eps_theta, eps_phi, eps, beta=1000.0, weights=None, reduction="sample", relative=False):
-    """The DCO loss (paper, Sec. 3): -log sigmoid(-beta * (l_theta - l_phi)).
+def dco_loss(eps_theta, eps_phi, eps, beta=1000.0, weights=None):
+    """The DCO loss (paper, Sec. 3): L = -log sigmoid(beta * r), r = l_phi - l_theta, averaged over the batch.
 
-    eps_theta: prediction of the fine-tuned model (with grad); eps_phi: the frozen pretrained model's prediction
-    on the same x_t and t with the base prompt c_base (no grad); eps: the noise that made x_t. weights: optional
-    per-sample weights (e.g. min-SNR) applied to both errors.
-    reduction="sample" (the paper's form, as in Diffusion-DPO): log-sigmoid per sample, then the mean.
-    reduction="batch" (the official code, kyungmnlee/dco@164ae17 customize.py:936-941): average the errors over
-    the batch first, then one log-sigmoid.
-    The two agree for batch size 1.
+    eps_theta: the fine-tuned model's prediction (with grad); eps_phi: the frozen pretrained model's on the same x_t
+    and t with the base prompt c_base (no grad); eps: the noise that made x_t. weights: optional per-sample weights
+    (min-SNR) on both errors. Returns (loss, r): r per sample, detached, is the implicit reward -- how much better than
+    the pretrained model theta denoises (> 0: it has learned something phi did not know).
 
-    Returns (loss, implicit_reward) where implicit_reward = l_phi - l_theta per sample (detached): how much better
-    than the pretrained model theta denoises; > 0 means it has learned something phi did not know.
-
-    Why it preserves the base model: d L / d l_theta = beta * sigmoid(beta * (l_theta - l_phi)). At the start
-    (theta = phi) that is beta/2, a scaled DreamBooth gradient; once theta beats phi by a few 1/beta it decays
-    exponentially, so fitting stops short of overwriting what phi knows.
-
-    relative=True (not the paper's; the tiny world's follow-up, see relative_reward) measures the reward in units of
-    phi's own error, r / l_phi = 1 - l_theta / l_phi, and returns that as the implicit reward.
-    """
+    Why it preserves the base model: dL/dl_theta = beta * sigmoid(-beta * r). At the start (theta = phi, r = 0) that
+    is beta/2, a scaled DreamBooth gradient; once theta beats phi by a few 1/beta it decays exponentially, so fitting
+    stops short of overwriting what phi knows. (The official code, kyungmnlee/dco@164ae17 customize.py:936-941,
+    averages the errors over the batch before its one log-sigmoid: the same for batch size 1, tests/test_dco.py.)"""
     l_theta = per_sample_mse(eps_theta, eps)
     l_phi = per_sample_mse(eps_phi, eps).detach()
     if weights is not None:
         l_theta, l_phi = l_theta * weights, l_phi * weights
-    reward = relative_reward if relative else (lambda l_theta, l_phi: l_phi - l_theta)
-    if reduction == "sample":
-        loss = -F.logsigmoid(beta * reward(l_theta, l_phi)).mean()
-    elif reduction == "batch":
-        loss = -F.logsigmoid(beta * reward(l_theta.mean(), l_phi.mean()))
-    else:
-        raise ValueError(f"dco_loss: reduction must be 'sample' or 'batch', got {reduction!r}")
-    return loss, reward(l_theta, l_phi).detach()
+    reward = l_phi - l_theta
+    return -F.logsigmoid(beta * reward).mean(), reward.detach()
 
 
-def relative_dco_loss(eps_theta, eps_phi, eps, beta=3.0, weights=None, reduction="sample"):
-    """dco_loss with the relative reward (relative=True), under its own name: what `train.py --relative-reward`
-    trains with (train.LOSSES["dco-relative"])."""
-    return dco_loss(eps_theta, eps_phi, eps, beta, weights, reduction, relative=True)
+def relative_dco_loss(eps_theta, eps_phi, eps, beta=3.0):
+    """DCO with the relative reward (not the paper's; `train.py --relative-reward`): L = -log sigmoid(beta * r / l_phi).
+    Weights would cancel in r / l_phi, so there are none (train.py refuses --snr-gamma with it)."""
+    l_theta = per_sample_mse(eps_theta, eps)
+    l_phi = per_sample_mse(eps_phi, eps).detach()
+    reward = relative_reward(l_theta, l_phi)
+    return -F.logsigmoid(beta * reward).mean(), reward.detach()
 
 
 def relative_reward(l_theta, l_phi):

@@ -54,6 +54,14 @@ def _preds(seed=0, b=4):
     return eps + 0.1 * torch.randn(b, 4, 8, 8, generator=g), eps + 0.1 * torch.randn(b, 4, 8, 8, generator=g), eps
 
 
+def official_batch_dco_loss(eps_theta, eps_phi, eps, beta):
+    """The official code's reduction (kyungmnlee/dco@164ae17 customize.py:936-941): the errors averaged over the batch
+    first, then one log-sigmoid. Kept here, beside the tests that compare it with dco.dco_loss's per-sample form."""
+    l_theta = dco.per_sample_mse(eps_theta, eps).mean()
+    l_phi = dco.per_sample_mse(eps_phi, eps).detach().mean()
+    return -torch.nn.functional.logsigmoid(beta * (l_phi - l_theta))
+
+
 def test_dco_loss_is_log2_and_reward_zero_when_theta_equals_phi():
     eps_theta, _, eps = _preds()
     loss, reward = dco.dco_loss(eps_theta, eps_theta.clone(), eps, beta=1000.0)
@@ -68,11 +76,11 @@ def test_dco_loss_formula_per_sample_and_batch():
     loss, reward = dco.dco_loss(eps_theta, eps_phi, eps, beta)
     expected = torch.stack([-torch.log(torch.sigmoid(-beta * (a - b))) for a, b in zip(l_t, l_p)]).mean()
     assert torch.allclose(loss, expected, rtol=1e-5) and torch.allclose(reward, l_p - l_t)
-    loss_b, _ = dco.dco_loss(eps_theta, eps_phi, eps, beta, reduction="batch")
+    loss_b = official_batch_dco_loss(eps_theta, eps_phi, eps, beta)
     assert torch.allclose(loss_b, -torch.log(torch.sigmoid(-beta * (l_t.mean() - l_p.mean()))), rtol=1e-5)
     assert not torch.allclose(loss, loss_b)  # the two reductions really differ for batch > 1 ...
     one = [x[:1] for x in (eps_theta, eps_phi, eps)]  # ... and agree for batch 1
-    assert torch.allclose(dco.dco_loss(*one, beta)[0], dco.dco_loss(*one, beta, reduction="batch")[0])
+    assert torch.allclose(dco.dco_loss(*one, beta)[0], official_batch_dco_loss(*one, beta))
 
 
 def test_dco_gradient_starts_as_scaled_dreambooth_and_saturates():
@@ -132,7 +140,7 @@ def test_dco_loss_on_hand_made_tensors():
     per_sample = [math.log(1 + math.exp(1.5)), math.log(1 + math.exp(-2.0))]
     assert abs(loss.item() - sum(per_sample) / 2) < 1e-6
     assert torch.allclose(reward, torch.tensor([-0.75, 1.0]))
-    loss_b, _ = dco.dco_loss(eps_theta, eps_phi, eps, beta=2.0, reduction="batch")  # mean errors 1/2 and 5/8
+    loss_b = official_batch_dco_loss(eps_theta, eps_phi, eps, beta=2.0)  # mean errors 1/2 and 5/8
     assert abs(loss_b.item() - math.log(1 + math.exp(2.0 * (0.5 - 0.625)))) < 1e-6
     w = torch.tensor([2.0, 0.5])  # per-sample weights scale both errors
     loss_w, _ = dco.dco_loss(eps_theta, eps_phi, eps, beta=2.0, weights=w)
@@ -146,9 +154,9 @@ def test_dco_gradient_is_half_beta_dreambooth_for_a_batch():
     beta = 1000.0
     y = eps_theta.clone().requires_grad_()
     dco.diffusion_loss(y, eps).backward()
-    for reduction in ("sample", "batch"):
+    for reduction, loss_fn in (("sample", lambda *a: dco.dco_loss(*a)[0]), ("batch", official_batch_dco_loss)):
         x = eps_theta.clone().requires_grad_()
-        loss, _ = dco.dco_loss(x, eps_theta.clone(), eps, beta, reduction=reduction)
+        loss = loss_fn(x, eps_theta.clone(), eps, beta)
         assert abs(loss.item() - math.log(2)) < 1e-6
         loss.backward()
         rel = ((x.grad - beta / 2 * y.grad).abs().max() / y.grad.abs().max()).item()
@@ -229,17 +237,17 @@ def test_relative_reward_is_dco_with_a_per_sample_beta_over_l_phi():
     beta = 3.0
     l_phi = ((eps_phi - eps) ** 2).mean(dim=(1, 2, 3))
     x, y = eps_theta.clone().requires_grad_(), eps_theta.clone().requires_grad_()
-    rel, r_rel = dco.dco_loss(x, eps_phi, eps, beta, relative=True)
+    rel, r_rel = dco.relative_dco_loss(x, eps_phi, eps, beta)
     ref, r_abs = dco.dco_loss(y, eps_phi, eps, beta / l_phi)
     rel.backward()
     ref.backward()
     assert torch.allclose(rel, ref, rtol=1e-6) and torch.allclose(x.grad, y.grad, rtol=1e-5, atol=1e-12)
     assert torch.allclose(r_rel, r_abs / l_phi, rtol=1e-6)
     k = 10.0  # scale-free: the same loss when every error is k^2 times larger
-    assert torch.allclose(dco.dco_loss(k * eps_theta, k * eps_phi, k * eps, beta, relative=True)[0], rel, rtol=1e-5)
+    assert torch.allclose(dco.relative_dco_loss(k * eps_theta, k * eps_phi, k * eps, beta)[0], rel, rtol=1e-5)
     assert not torch.allclose(dco.dco_loss(k * eps_theta, k * eps_phi, k * eps, beta)[0], ref, rtol=1e-2)
     one = eps_theta[:1].clone().requires_grad_()  # theta = phi: log 2, gradient beta / (2 l_phi) x DreamBooth's
-    loss, r = dco.dco_loss(one, eps_theta[:1].clone(), eps[:1], beta, relative=True)
+    loss, r = dco.relative_dco_loss(one, eps_theta[:1].clone(), eps[:1], beta)
     loss.backward()
     db = eps_theta[:1].clone().requires_grad_()
     dco.diffusion_loss(db, eps[:1]).backward()
@@ -248,19 +256,18 @@ def test_relative_reward_is_dco_with_a_per_sample_beta_over_l_phi():
     assert torch.allclose(one.grad, beta / (2 * l0) * db.grad, rtol=1e-5, atol=1e-12)
 
 
-def test_absolute_reward_unchanged_by_the_relative_option():
-    """relative=False (the default) is the paper's loss bit for bit, both reductions."""
+def test_dco_loss_is_the_papers_line_bit_for_bit():
+    """dco_loss is -log sigmoid(beta (l_phi - l_theta)) averaged over the batch, exactly (no other arithmetic)."""
     eps_theta, eps_phi, eps = _preds(seed=6)
-    for reduction in ("sample", "batch"):
-        l_t = ((eps_theta - eps) ** 2).mean(dim=(1, 2, 3))
-        l_p = ((eps_phi - eps) ** 2).mean(dim=(1, 2, 3))
-        d = (l_t - l_p) if reduction == "sample" else (l_t.mean() - l_p.mean())
-        loss, _ = dco.dco_loss(eps_theta, eps_phi, eps, 30.0, reduction=reduction, relative=False)
-        assert torch.equal(loss, -torch.nn.functional.logsigmoid(-30.0 * d).mean())
+    l_t = ((eps_theta - eps) ** 2).mean(dim=(1, 2, 3))
+    l_p = ((eps_phi - eps) ** 2).mean(dim=(1, 2, 3))
+    loss, _ = dco.dco_loss(eps_theta, eps_phi, eps, 30.0)
+    assert torch.equal(loss, -torch.nn.functional.logsigmoid(30.0 * (l_p - l_t)).mean())
 
 
-def test_relative_dco_loss_is_the_option_under_its_own_name():
+def test_relative_dco_loss_is_dco_on_the_relative_reward():
     eps_theta, eps_phi, eps = _preds(seed=7)
     a, ra = dco.relative_dco_loss(eps_theta, eps_phi, eps, 3.0)
-    b, rb = dco.dco_loss(eps_theta, eps_phi, eps, 3.0, relative=True)
-    assert torch.equal(a, b) and torch.equal(ra, rb)
+    l_t, l_p = dco.per_sample_mse(eps_theta, eps), dco.per_sample_mse(eps_phi, eps)
+    assert torch.equal(ra, dco.relative_reward(l_t, l_p))
+    assert torch.equal(a, -torch.nn.functional.logsigmoid(3.0 * ra).mean())
