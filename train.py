@@ -381,7 +381,7 @@ def train(args, loss_fn=None):
     images = [load(p) for p in paths]  # every image is read now: bad files fail early
     rank, world_size, device = distributed.init(args.device)  # under torchrun: this process's rank and GPU
     class_dir = args.class_dir if args.loss == "db-prior" else None
-    run = run_folder.Run(args.output, rank == 0, args.checkpoint_every, class_dir)  # checked before the model loads
+    run = run_folder.Run(args.output, rank == 0, args.checkpoint_every, class_dir, not args.no_report)  # checks output
     mp, dtype, amp = precision(args.precision, device, random_weights=args.model == "sdxl-random")
     loss_fn = functools.partial(loss_fn or LOSSES["dco-relative" if args.relative_reward else args.loss],
                                 beta=args.beta, **({"prior_weight": args.prior_weight} if class_dir else {}))

@@ -32,6 +32,7 @@ from lora import load_lora_file, lora_modules, save_lora_kohya, save_lora_peft
 from product.distributed import average, barrier, gather
 from product.files import (EMBEDS_FILE, FINAL_INCOMPLETE, PEFT_FILE, atomic, check_writable, load_tensors, read_json,
                            read_text, remove_temporaries, save_image, save_tensors, write_json)
+from product.report import BetaCheck, write_report
 
 CONFIG_FILE, LOG_FILE = "train_config.json", "log.jsonl"
 # Settings a resumed run must share with the run it continues: they shape the LoRA, the data or the draws.
@@ -328,9 +329,9 @@ class Run:
     checkpoint, a log line per step, checkpoints with sample images, and the final files. Under torchrun every
     process checks and agrees, and only rank 0 (master) writes or prints."""
 
-    def __init__(self, out, master=True, checkpoint_every=0, class_dir=None):
-        self.out, self.master, self.checkpoint_every = out, master, checkpoint_every
-        self.lock = self.resume_from = self.bar = None
+    def __init__(self, out, master=True, checkpoint_every=0, class_dir=None, report=True):
+        self.out, self.master, self.checkpoint_every, self.report = out, master, checkpoint_every, report
+        self.lock = self.resume_from = self.bar = self.beta_check = None
         self.times, self.t0 = [], None
         if master:
             preflight(out, class_dir)  # before the model is loaded: the folders can be written, no run is there
@@ -343,6 +344,8 @@ class Run:
         """Check the folder against the run's settings (before any write), then take it: lock, train_config.json.
         metadata: what every LoRA file written carries (train_cli.lora_file_metadata)."""
         self.config, self.metadata = config, metadata
+        if config["loss"] == "dco":  # the one line that says beta has saturated DCO (product/report.py)
+            self.beta_check = BetaCheck(config["beta"], steps, config["relative_reward"])
         self.resume_from = check_run_folder(self.out, config, resume, steps, self.master)
         barrier()  # every process has checked the folder before rank 0 writes to it
         if self.master:
@@ -368,6 +371,10 @@ class Run:
         check_step_finite(self.out, self.record, self.config["precision"])
         if self.master:
             append_log(self.out, self.record)
+            rewards = self.record.get("implicit_rewards")
+            warning = self.beta_check and self.beta_check.update(step, self.record["t"], rewards)
+            if warning:
+                self.bar.write(warning, file=sys.stderr)
             self.bar.set_postfix({k: f"{self.record[k]:.4g}" for k in ("loss", "implicit_reward") if k in self.record})
 
     def checkpoint_due(self, done, steps):
@@ -383,11 +390,15 @@ class Run:
                             self.metadata)
         for i, image in enumerate(samples() if samples else []):
             save_image(image, os.path.join(self.out, "samples", f"step{done:06d}-{i}.png"))
+        if self.report:  # report.png and samples/progress.png, redrawn from log.jsonl
+            write_report(self.out)
 
     def finish(self, unet, new_tokens, bundle=False, device=None):
         """Rank 0: the final set (save_final), the lock released, the speed and peak memory printed."""
         if self.master:
             save_final(self.out, unet, new_tokens, self.metadata, bundle=bundle)
+            if self.report:
+                write_report(self.out)
             self.lock.release()
             print_resources(self.times, device)
 

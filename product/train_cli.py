@@ -93,6 +93,8 @@ def add_run_flags(p):
                    "lora_kohya.safetensors (A1111's bundle_emb keys): one file for A1111/Forge and sample.py")
     g.add_argument("--sample-prompt", action="append", help="prompt of the sample images (repeatable)")
     g.add_argument("--sample-steps", type=int, default=25, help="sampler steps of the sample images; 0: no samples")
+    g.add_argument("--no-report", action="store_true", help="do not draw report.png and samples/progress.png at "
+                   "checkpoints and the end (python -m product.report OUTPUT draws them any time)")
     g = p.add_argument_group("db-prior (DreamBooth with prior preservation)")
     g.add_argument("--class-prompt", help='prompt of the class images (default "a photo of a <init word>")')
     g.add_argument("--num-class-images", type=int, default=100)

@@ -1,5 +1,5 @@
 """tinyworld/experiments.py end to end on a random tiny SDXL (1 seed, a subject and a style, a few steps): every
-CSV row, the merge and the interference analysis, the tables and plots; and tinyworld/plot.py's drawing."""
+CSV row, the merge and the interference analysis, the tables and plots; and product/plot.py's drawing."""
 import csv
 import json
 import os
@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from tinyworld import experiments, model, plot
+from product import plot
+from tinyworld import experiments, model
 
 
 @pytest.fixture(scope="module")

@@ -47,9 +47,10 @@ import torch
 import merge as merging
 import train as trainer
 from sample import load_lora
+from product import plot
 from sdxl import load_sdxl, model_path
 
-from . import metrics, plot, world
+from . import metrics, world
 from .evaluate import sample_images, upscale
 from .model import MODEL_DIR
 
