@@ -296,7 +296,7 @@ def write_csv(rows, path):
 def pareto_plot(means, level, path, title=""):
     """x = text similarity, y = image similarity, one line per method through its w_con points (labelled), and the
     reference photos' leave-one-out level as a dashed horizontal line."""
-    from tinyworld import plot
+    from product import plot
 
     methods = defaultdict(list)
     for (method, wcon), (_, img, txt) in means.items():
