@@ -26,6 +26,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from product import float8
 from product.files import BUNDLE, KOHYA_FILE, PEFT_FILE, open_safetensors, save_tensors  # noqa: F401 (file names: API)
 from product.single_file import sgm_unet_name
 
@@ -45,12 +46,16 @@ class LoRALinear(nn.Linear):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.register_parameter("weight", base.weight)
         self.register_parameter("bias", base.bias)
+        if hasattr(base, "weight_scale"):  # fp8 frozen weights (product/float8.py): their per-channel scale
+            self.register_buffer("weight_scale", base.weight_scale)
+        else:
+            self.weight_scale = None
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.rank, self.alpha = rank, float(rank if alpha is None else alpha)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        kw = dict(bias=False, device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(bias=False, device=base.weight.device, dtype=self.branch_dtype())
         self.lora_down = nn.Linear(self.in_features, rank, **kw)
         self.lora_up = nn.Linear(rank, self.out_features, **kw)
         nn.init.normal_(self.lora_down.weight, std=1.0 / rank)
@@ -58,8 +63,12 @@ class LoRALinear(nn.Linear):
         self.scale = 1.0  # float, or per-sample LoRA on/off/strength: a list of floats, one per row of the batch
         self.merged = None  # the multiplier baked into `weight` by merge(), else None
 
+    def branch_dtype(self):
+        """The LoRA's dtype: the base weight's, or fp32 over fp8 weights (which store, never compute)."""
+        return torch.float32 if float8.is_fp8(self.weight) else self.weight.dtype
+
     def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
+        out = float8.linear(x, self.weight, self.bias, self.weight_scale)
         scale = self.scale
         # Skip the branch, do not multiply it by 0: scale 0 must be bit-identical to the base model
         # (diffusers #4751 was a scale-0 LoRA that still changed outputs).
@@ -97,6 +106,8 @@ class LoRALinear(nn.Linear):
         """Fold Delta W into `weight` (no branch at inference); forward then ignores `scale`."""
         if self.merged is not None:
             raise ValueError("LoRA is already merged; call unmerge() first")
+        if float8.is_fp8(self.weight):
+            raise ValueError("cannot merge a LoRA into fp8 weights (they would be quantized again): load in bf16")
         self.weight += self.delta_weight(multiplier).to(self.weight.dtype)
         self.merged = multiplier
 
@@ -109,7 +120,7 @@ class LoRALinear(nn.Linear):
     @torch.no_grad()
     def set_lora(self, down, up, alpha):
         """Replace the branch by given weights (their rank may differ from the current one)."""
-        kw = dict(bias=False, device=self.weight.device, dtype=self.weight.dtype)
+        kw = dict(bias=False, device=self.weight.device, dtype=self.branch_dtype())
         self.rank, self.alpha = down.shape[0], float(alpha)
         self.lora_down = nn.Linear(self.in_features, self.rank, **kw)
         self.lora_up = nn.Linear(self.rank, self.out_features, **kw)
@@ -135,7 +146,7 @@ def inject_lora(model, rank=32, alpha=None, targets=UNET_ATTN, dropout=0.0) -> l
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     names = [n for n, m in model.named_modules()
-             if type(m) is nn.Linear and _matches(n, targets) and not n.endswith((".lora_down", ".lora_up"))]
+             if type(m) in (nn.Linear, float8.Float8Linear) and _matches(n, targets) and not n.endswith((".lora_down", ".lora_up"))]
     if not names:
         raise ValueError(f"inject_lora: no nn.Linear in {type(model).__name__} ends with any of {targets}")
     model.requires_grad_(False)

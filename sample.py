@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from dco import alphas_cumprod
 from lora import apply_lora, load_lora_file, lora_modules, lora_scale
-from product import errors
+from product import errors, float8
 from product.files import (BUNDLE, COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, check_writable,
                            find_lora_files, official_tokens, open_safetensors, parse_token, read_learned_tokens,
                            save_image)
@@ -515,8 +515,8 @@ def main(argv=None):
     p.add_argument("--vae", help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
     p.add_argument("--output", default="out.png", help="the image (--n 1), else the grid, with the images beside it")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=list(DTYPES), help="UNet and text encoders (default: fp16 on cuda, "
-                                                                "else fp32)")
+    p.add_argument("--precision", choices=[*DTYPES, "fp8"], help="UNet and text encoders (default: fp16 on cuda, "
+                   "else fp32); fp8: their weights in float8 with a scale per channel, computed in bf16")
     args = p.parse_args(argv)
     errors.cli(lambda: run(args), memory_hint="lower --height/--width or --n, or on a GPU use --precision fp16")
 
@@ -545,14 +545,15 @@ def run(args):
     if not 0 <= args.guidance_rescale <= 1:
         raise ValueError(f"--guidance-rescale {args.guidance_rescale:g}: must be between 0 and 1 (0.7 in Lin et al. "
                          "2023)")
-    dtype = DTYPES[args.precision or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")]
+    precision = args.precision or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")
+    dtype = float8.compute_dtype_of(args.device) if precision == "fp8" else DTYPES[precision]
     names = list(args.token)
     if args.config or args.config_name:
         if not (args.config and args.config_name):
             raise ValueError("--config and --config-name go together")
         names += official_tokens(args.config, args.config_name)
-    sd = load_sdxl(args.model, device=args.device, dtype=dtype, variant=None if dtype == torch.float32 else "fp16",
-                   vae=args.vae)
+    sd = load_sdxl(args.model, device=args.device, dtype=dtype, variant=None if precision == "fp32" else "fp16",
+                   vae=args.vae, fp8=precision == "fp8")
     metas = [read_lora_metadata(path) for path, _ in loras]
     pools = {p for p in map(lora_pooling, metas) if p}
     sd.text_encoder.pool = sd.text_encoder_2.pool = args.pool or (pools.pop() if len(pools) == 1 else "eos")

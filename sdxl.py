@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from product import errors, files, single_file
+from product import errors, files, float8, single_file
 from product.hub import CONFIG_FILES, MODEL_COMPONENTS, SDXL_BASE, component_weight_files, download
 from text_encoder import CLIPTextModel, CLIPTokenizer, byte_level_vocab, encode_prompt
 from unet_loader import UNet
@@ -106,9 +106,10 @@ def read_config(path, what):
 # ----------------------------------------------------------------------------------------------------------
 # Building the modules
 
-def build(cls, config, state_dict, device, dtype, what="", **kwargs):
-    """Construct on the meta device (no memory, no random init: SDXL's UNet is 2.6 B parameters), then adopt the
-    loaded tensors as the parameters with `assign=True`, and cast once."""
+def build(cls, config, state_dict, device, dtype, what="", fp8=False, **kwargs):
+    """Construct on the meta device (no memory, no random init: SDXL's UNet is 2.6 B parameters), adopt the
+    loaded tensors as the parameters with `assign=True`, then cast (fp8: quantize) tensor by tensor. `state_dict`
+    is consumed (emptied), so each source tensor is freed once its cast copy exists: never two full copies."""
     with torch.device("meta"):
         model = cls(config, **kwargs)
     try:
@@ -117,7 +118,8 @@ def build(cls, config, state_dict, device, dtype, what="", **kwargs):
         problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
         raise ValueError(f"{what}: the weights do not fit its config.json ({len(problems)} problem(s), first: "
                          f"{problems[0][:150] if problems else e}); they belong to another model") from None
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    state_dict.clear()
+    return float8.materialize_(model, device, dtype, fp8).eval().requires_grad_(False)
 
 
 def load_component(folder, comp, variant="fp16"):
@@ -128,15 +130,17 @@ def load_component(folder, comp, variant="fp16"):
 
 
 def load_sdxl(model=SDXL_BASE, device="cpu", dtype=torch.float32, vae_dtype=None, variant="fp16",
-              config_from=SDXL_BASE, vae=None):
+              config_from=SDXL_BASE, vae=None, fp8=False):
     """Load SDXL from a hub id, a local diffusers folder, a single-file `.safetensors` checkpoint, or "tiny".
 
     dtype is used for the UNet and text encoders. The VAE stays in fp32 unless its config says it is safe in
     half precision (`force_upcast: false`, e.g. madebyollin/sdxl-vae-fp16-fix) or `vae_dtype` is given: the
     original SDXL VAE overflows in fp16. `vae`: another VAE instead of the model's own (see load_vae). `variant`:
-    the weight files to prefer ("fp16", half the download; None: the full-precision files).
+    the weight files to prefer ("fp16", half the download; None: the full-precision files). `fp8`: the UNet's and
+    text encoders' Linear and Conv2d weights stored in float8 with a scale per output channel, dequantised to
+    `dtype` in each layer's forward (product/float8.py); converted as they load, one tensor at a time.
     """
-    sd = _load_sdxl(model, device, dtype, vae_dtype, variant, config_from)
+    sd = _load_sdxl(model, device, dtype, vae_dtype, variant, config_from, fp8)
     if vae is not None:
         sd.vae = load_vae(vae, device, dtype, vae_dtype)
     return sd
@@ -160,9 +164,9 @@ def load_vae(source, device="cpu", dtype=torch.float32, vae_dtype=None):
     return build(AutoencoderKL, config, convert_legacy_vae_keys(files.load_tensors(weights)), device, vae_dtype)
 
 
-def _load_sdxl(model, device, dtype, vae_dtype, variant, config_from):
+def _load_sdxl(model, device, dtype, vae_dtype, variant, config_from, fp8=False):
     if str(model) == RANDOM:
-        return random_sdxl(device, dtype, vae_dtype)
+        return random_sdxl(device, dtype, vae_dtype, fp8=fp8)
     model = model_path(model)
     if model.endswith(PICKLE_SUFFIXES):
         raise ValueError(f"--model {model}: pickle checkpoints can run arbitrary code when loaded; dco reads only "
@@ -170,7 +174,7 @@ def _load_sdxl(model, device, dtype, vae_dtype, variant, config_from):
     if os.path.isfile(model):
         if not model.endswith(".safetensors"):
             raise ValueError(f"--model {model}: not a .safetensors file or a diffusers folder")
-        return load_single_file(model, device, dtype, vae_dtype, config_from)
+        return load_single_file(model, device, dtype, vae_dtype, config_from, fp8)
     folder = resolve_model(model, variant)
     if not os.path.isfile(os.path.join(folder, "model_index.json")):
         raise FileNotFoundError(f"{folder} has no model_index.json: expected a diffusers SDXL folder "
@@ -179,10 +183,10 @@ def _load_sdxl(model, device, dtype, vae_dtype, variant, config_from):
     configs = {c: read_config(os.path.join(folder, c, "config.json"), f"the folder has no {c} component")
                for c in MODEL_COMPONENTS}
     weights = {c: load_component(folder, c, variant) for c in MODEL_COMPONENTS}
-    return assemble(folder, configs, weights, index, device, dtype, vae_dtype, source=model)
+    return assemble(folder, configs, weights, index, device, dtype, vae_dtype, source=model, fp8=fp8)
 
 
-def load_single_file(path, device, dtype, vae_dtype, config_from=SDXL_BASE):
+def load_single_file(path, device, dtype, vae_dtype, config_from=SDXL_BASE, fp8=False):
     """A ComfyUI/A1111 checkpoint: check its header is SDXL base before reading gigabytes, then rename the keys.
     The file holds weights only; configs and tokenizers come from `config_from` (a few small files)."""
     with files.open_safetensors(path) as f:
@@ -195,7 +199,7 @@ def load_single_file(path, device, dtype, vae_dtype, config_from=SDXL_BASE):
     index = read_config(os.path.join(folder, "model_index.json"), f"{config_from} is not a diffusers SDXL folder")
     weights = single_file.sgm_to_diffusers(files.load_tensors(path), configs["unet"], configs["vae"],
                                            configs["text_encoder"], configs["text_encoder_2"])
-    return assemble(folder, configs, weights, index, device, dtype, vae_dtype, source=path)
+    return assemble(folder, configs, weights, index, device, dtype, vae_dtype, source=path, fp8=fp8)
 
 
 def hub_text_encoder_keys(sd):
@@ -207,7 +211,7 @@ def hub_text_encoder_keys(sd):
     return sd
 
 
-def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
+def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source, fp8=False):
     def what(comp):  # where a component's weights came from, for errors
         return f"{source} ({comp})" if os.path.isfile(str(source)) else os.path.join(folder, comp)
     for comp in ("text_encoder", "text_encoder_2"):
@@ -219,13 +223,13 @@ def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
     tokenizer = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer"))
     tokenizer_2 = CLIPTokenizer.from_folder(os.path.join(folder, "tokenizer_2"))
     return SDXL(
-        unet=build(UNet, configs["unet"], weights["unet"], device, dtype, what=what("unet")),
+        unet=build(UNet, configs["unet"], weights["unet"], device, dtype, what=what("unet"), fp8=fp8),
         vae=build(AutoencoderKL, configs["vae"], weights["vae"], device, vae_dtype, what=what("vae")),
         # Pool at the tokenizer's real end-of-text id (the configs' eos_token_id is a legacy 2).
         text_encoder=build(CLIPTextModel, configs["text_encoder"], weights["text_encoder"], device, dtype,
-                           what=what("text_encoder"), eos_token_id=tokenizer.eos_token_id),
+                           what=what("text_encoder"), fp8=fp8, eos_token_id=tokenizer.eos_token_id),
         text_encoder_2=build(CLIPTextModel, configs["text_encoder_2"], weights["text_encoder_2"], device, dtype,
-                             what=what("text_encoder_2"), eos_token_id=tokenizer_2.eos_token_id),
+                             what=what("text_encoder_2"), fp8=fp8, eos_token_id=tokenizer_2.eos_token_id),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,
         scheduler=scheduler,
@@ -238,12 +242,12 @@ def assemble(folder, configs, weights, index, device, dtype, vae_dtype, source):
 # "sdxl-random": the real shapes with random weights
 
 @torch.no_grad()
-def randomize_(model, generator):
+def randomize_(model, generator, recurse=True):
     """Random weights in place, in the model's own dtype (no fp32 copy of a 2.6 B-parameter model): matrices and
     conv kernels uniform with variance 1/fan_in, so activations stay of order 1 through the deep stacks (uniform,
     as PyTorch's own default init: a third faster to draw than a normal, which matters for 3.4 B numbers); norm
     gains 1, biases and other vectors small noise."""
-    for module in model.modules():
+    for module in model.modules() if recurse else [model]:
         for name, p in module.named_parameters(recurse=False):
             if isinstance(module, (torch.nn.LayerNorm, torch.nn.GroupNorm)) and name == "weight":
                 p.fill_(1.0)
@@ -255,15 +259,21 @@ def randomize_(model, generator):
     return model
 
 
-def build_random(cls, config, device, dtype, generator, **kwargs):
-    """Constructed on the meta device and cast there (free), given memory on `device` in the target dtype, filled
-    in place: the peak is the model's own size."""
+def build_random(cls, config, device, dtype, generator, fp8=False, **kwargs):
+    """Constructed on the meta device and cast there (free), then given memory on `device` and filled in place
+    module by module (fp8: each Linear / Conv2d quantized as soon as it is drawn): the peak is the model's own size."""
     with torch.device("meta"):
         model = cls(config, **kwargs).to(dtype)
-    return randomize_(model.to_empty(device=device), generator).eval().requires_grad_(False)
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
+            module.to_empty(device=device, recurse=False)
+            randomize_(module, generator, recurse=False)
+            if fp8 and float8.quantizable(module):
+                float8.quantize_module_(module)
+    return model.eval().requires_grad_(False)
 
 
-def random_sdxl(device="cpu", dtype=torch.float32, vae_dtype=None, seed=0):
+def random_sdxl(device="cpu", dtype=torch.float32, vae_dtype=None, seed=0, fp8=False):
     """SDXL base with random weights: every real config (configs/sdxl-base-1.0, the hub repo's files), the real
     49,408-row token tables, and a byte-level tokenizer with CLIP's ids (text_encoder.byte_level_vocab)."""
     start, folder = time.perf_counter(), RANDOM_CONFIGS
@@ -275,11 +285,11 @@ def random_sdxl(device="cpu", dtype=torch.float32, vae_dtype=None, seed=0):
     tokenizer, tokenizer_2 = (CLIPTokenizer.from_folder(os.path.join(folder, t), byte_level_vocab(), [])
                               for t in ("tokenizer", "tokenizer_2"))
     sd = SDXL(
-        unet=build_random(UNet, configs["unet"], device, dtype, g),
+        unet=build_random(UNet, configs["unet"], device, dtype, g, fp8),
         vae=build_random(AutoencoderKL, configs["vae"], device, vae_dtype, g),
-        text_encoder=build_random(CLIPTextModel, configs["text_encoder"], device, dtype, g,
+        text_encoder=build_random(CLIPTextModel, configs["text_encoder"], device, dtype, g, fp8,
                                   eos_token_id=tokenizer.eos_token_id),
-        text_encoder_2=build_random(CLIPTextModel, configs["text_encoder_2"], device, dtype, g,
+        text_encoder_2=build_random(CLIPTextModel, configs["text_encoder_2"], device, dtype, g, fp8,
                                     eos_token_id=tokenizer_2.eos_token_id),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer_2,

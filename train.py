@@ -30,7 +30,7 @@ from baselines import dreambooth
 from dco import (add_noise, alphas_cumprod, check_scheduler_config, dco_loss, diffusion_loss, min_snr_weights,
                  prior_preservation_loss, relative_dco_loss, sample_noise, sample_timesteps, training_target)
 from lora import UNET_ATTN, inject_lora, lora_modules, lora_parameters, lora_scale
-from product import distributed, run_folder, train_cli
+from product import distributed, float8, run_folder, train_cli
 from product.files import DTYPES, read_official_config
 from product.images import CropCache, encode_images, list_images, load_image
 from sample import generate_while_training
@@ -357,16 +357,17 @@ def lr_factor(step, warmup=0, schedule="constant", steps=1):
 
 
 def precision(name, device, random_weights=False):
-    """-> (precision, dtype of the frozen weights, autocast context for it): bf16 on a GPU, fp32 on a CPU, unless
-    --precision says otherwise. The LoRA and the token rows are fp32 in every case (add_lora, NewTokens).
+    """-> (precision, dtype the frozen weights compute in, autocast context for it): bf16 on a GPU, fp32 on a CPU,
+    unless --precision says otherwise. fp8 stores the frozen Linear/Conv weights in float8 and computes in bf16 (fp32
+    on a CPU without bf16 kernels): product/float8.py. The LoRA and the token rows are fp32 in every case.
     random_weights (--model sdxl-random) saturate DCO's loss at once, and then every gradient is a denormal float,
     which x86 CPUs compute many times slower: they are flushed to zero so that the dry run times the real work
     (process-wide, and it changes the last bits, so only there: a real run keeps the arithmetic tests reproduce)."""
     if random_weights:
         torch.set_flush_denormal(True)
     name = name or ("bf16" if device.type == "cuda" else "fp32")
-    return name, DTYPES[name], functools.partial(torch.autocast, device.type, dtype=DTYPES[name],
-                                                 enabled=name != "fp32")
+    dtype = float8.compute_dtype_of(device) if name == "fp8" else DTYPES[name]
+    return name, dtype, functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def train(args, loss_fn=None):
@@ -386,7 +387,8 @@ def train(args, loss_fn=None):
     loss_fn = functools.partial(loss_fn or LOSSES["dco-relative" if args.relative_reward else args.loss],
                                 beta=args.beta, **({"prior_weight": args.prior_weight} if class_dir else {}))
     # --- the model: UNet and text encoders in the training dtype, the VAE in fp32 (see sdxl.py)
-    sd = load_sdxl(args.model, device=device, dtype=dtype, variant=None if mp == "fp32" else "fp16", vae=args.vae)
+    sd = load_sdxl(args.model, device=device, dtype=dtype, variant=None if mp == "fp32" else "fp16", vae=args.vae,
+                   fp8=mp == "fp8")
     sd.text_encoder.pool = sd.text_encoder_2.pool = args.pool
     check_scheduler_config(sd.scheduler)  # a setting this code cannot train fails here, before any file is written
     captions, base_prompts, tokens, inits = prepare_captions(name, captions, base_prompts, tokens, inits, sd.tokenizer)

@@ -341,7 +341,7 @@ class UNet(nn.Module):
         factor = 2 ** (len(self.down_blocks) - 1)
         if H % factor or W % factor:
             raise ValueError(f"UNet: latent size {H}x{W} must be divisible by {factor}")
-        dtype = self.conv_in.weight.dtype
+        dtype = self.conv_in.bias.dtype  # the compute dtype: weights may be stored in fp8 (product/float8.py)
         # `.to(dtype)` is a no-op when inputs already match the weights; it only saves callers a manual cast.
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
         emb = self.time_embedding(timestep_embedding(t, self.conv_in.out_channels, self.flip_sin_to_cos,

@@ -14,8 +14,8 @@ from product.images import RESAMPLE
 from sdxl import SDXL_BASE, native_resolution
 from text_encoder import check_prompt_length
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-MEMORY_HINT = ("lower --resolution or --batch-size, add --gradient-checkpointing, or on a GPU use --precision bf16; "
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+MEMORY_HINT = ("lower --resolution or --batch-size, add --gradient-checkpointing, or on a GPU use --precision bf16 (or fp8: half the weights); "
                "--resume continues from the last checkpoint")
 
 
@@ -82,7 +82,8 @@ def add_run_flags(p):
     """The flags of the run: speed and memory, checkpoints and samples, db-prior's class images."""
     g = p.add_argument_group("speed and memory")
     g.add_argument("--precision", choices=PRECISIONS, help="dtype of the frozen UNet and text encoders, and of "
-                   "autocast (default: bf16 on a GPU, fp32 on a CPU); the LoRA and token rows train in fp32")
+                   "autocast (default: bf16 on a GPU, fp32 on a CPU); fp8: their weights in float8 with a scale per "
+                   "channel, computed in bf16 (half bf16's weight memory); the LoRA and token rows train in fp32")
     g.add_argument("--gradient-checkpointing", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU: faster steps after a "
                                                           "minute or two of compiling)")
