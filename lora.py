@@ -156,6 +156,8 @@ def inject_lora(model, rank=32, alpha=None, targets=UNET_ATTN, dropout=0.0) -> l
 
 
 def lora_modules(model) -> dict[str, LoRALinear]:
+    if model is None:  # a text encoder train.py dropped after encoding its fixed prompts (sdxl.py)
+        return {}
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 

@@ -19,6 +19,7 @@ Only `.safetensors` is ever read -- never a pickle, which could run arbitrary co
 Run `python sdxl.py --model ID_OR_PATH` to download (or find) a model and print what was loaded.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -50,9 +51,24 @@ class SDXL:
     force_zeros_for_empty_prompt: bool = True  # model_index.json: "no negative prompt" means zero embeddings
     source: str = ""
 
+    prompt_cache: dict | None = None  # after release_text_encoders: prompt -> (context [77,2048], pooled [1280])
+
     def encode_prompt(self, prompts):
         """SDXL text conditioning: ([B,77,2048] penultimate states of both encoders, [B,1280] pooled)."""
-        return encode_prompt(prompts, self.tokenizer, self.tokenizer_2, self.text_encoder, self.text_encoder_2)
+        if self.prompt_cache is None:
+            return encode_prompt(prompts, self.tokenizer, self.tokenizer_2, self.text_encoder, self.text_encoder_2)
+        missing = [p for p in prompts if p not in self.prompt_cache]
+        if missing:
+            raise ValueError(f"the text encoders were dropped after encoding the run's fixed prompts, and {missing[0]!r} "
+                             "is not one of them")
+        return tuple(torch.stack([self.prompt_cache[p][i] for p in prompts]) for i in (0, 1))
+
+    def release_text_encoders(self, prompts, amp=contextlib.nullcontext):
+        """Encode `prompts` now (one at a time, under `amp`), keep the results, and drop both text encoders (1.5 GiB
+        in bf16): a run that learns no token needs the encoders only for prompts it knows from the start."""
+        with torch.no_grad(), amp():
+            cache = {p: tuple(x[0] for x in self.encode_prompt([p])) for p in dict.fromkeys(prompts)}
+        self.prompt_cache, self.text_encoder, self.text_encoder_2 = cache, None, None
 
 
 def model_path(model):

@@ -374,11 +374,13 @@ def resize_token_embeddings(text_model: CLIPTextModel, new_size: int) -> nn.Embe
     return new
 
 
-def init_token(tokenizer: CLIPTokenizer, text_model: CLIPTextModel, token: str, init_word: str) -> int:
+def init_token(tokenizer: CLIPTokenizer, text_model: CLIPTextModel, token: str, init_word: str,
+               any_word=False) -> int:
     """Add `token` (e.g. "<dog>") to a tokenizer + encoder pair, embedding copied from `init_word`; return its id.
 
-    For SDXL call it for both pairs: the two vocabularies are equal, so the token gets the same id in both."""
-    init_ids = tokenizer.encode(init_word)
+    For SDXL call it for both pairs: the two vocabularies are equal, so the token gets the same id in both.
+    any_word: a word of several tokens starts from its first (random weights, where no row means anything)."""
+    init_ids = tokenizer.encode(init_word)[:1] if any_word else tokenizer.encode(init_word)
     if len(init_ids) != 1:
         raise ValueError(f"init_token: init word {init_word!r} is {len(init_ids)} tokens {init_ids}; "
                          "pick a word that is a single CLIP token")

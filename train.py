@@ -30,8 +30,8 @@ from baselines import dreambooth
 from dco import (add_noise, alphas_cumprod, check_scheduler_config, dco_loss, diffusion_loss, min_snr_weights,
                  prior_preservation_loss, relative_dco_loss, sample_noise, sample_timesteps, training_target)
 from lora import UNET_ATTN, inject_lora, lora_modules, lora_parameters, lora_scale
-from product import distributed, float8, run_folder, train_cli
-from product.files import DTYPES, read_official_config
+from product import distributed, run_folder, train_cli
+from product.files import read_official_config
 from product.images import CropCache, encode_images, list_images, load_image
 from sample import generate_while_training
 from sdxl import load_sdxl
@@ -61,19 +61,22 @@ def read_data(images=None, config=None, config_name=None, token=None, init_word=
     return name, paths, captions, base, tokens, inits
 
 
-def prepare_captions(name, captions, base, tokens, inits, tokenizer):
+def prepare_captions(name, captions, base, tokens, inits, tokenizer, any_word=False):
     """Decide the new tokens, fill in missing captions, derive phi's base prompts -> (captions, base, tokens, inits).
 
     The bare `--images ./dog`: learn "<dog>" from "dog" when the folder name is one CLIP word and some image has no
-    caption (or a caption says "<dog>"); with full captions and no token, the LoRA is trained alone (e.g. a style)."""
-    word = name.lower()
+    caption (or a caption says "<dog>"); with full captions and no token, the LoRA is trained alone (e.g. a style).
+    any_word (--model sdxl-random, whose byte-level tokenizer splits every word): any folder name and init word
+    will do, since for random weights the ids mean nothing and only the shapes count."""
+    word = "-".join(name.lower().split())
+    one_token = lambda w: any_word or len(tokenizer.encode(w)) == 1  # noqa: E731
     if not tokens and (None in captions or any(f"<{word}>" in c for c in captions if c)):
-        if not (word.isalpha() and len(tokenizer.encode(word)) == 1):
+        if not (any_word or word.isalpha() and one_token(word)):
             raise ValueError(f"images without captions need a token, and the folder name '{name}' is not one CLIP "
                              f"word: pass --token '<x>' --init-word WORD, or a NAME.txt caption per image")
         tokens, inits = [f"<{word}>"], [word]
     for w in inits:
-        if len(tokenizer.encode(w)) != 1:
+        if not one_token(w):
             raise ValueError(f"--init-word {w!r} is {len(tokenizer.encode(w))} CLIP tokens; pick a word that is one "
                              "token (e.g. dog, cat, toy, person)")
     captions = [c if c is not None else f"a photo of {' '.join(tokens)}" for c in captions]
@@ -120,7 +123,7 @@ def add_new_tokens(sd, tokens, inits):
     """The same new tokens in both text encoders, each starting as a copy of its init word's row -> [NewTokens]."""
     new_tokens = []
     for tok, te in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
-        ids = [init_token(tok, te, t, w) for t, w in zip(tokens, inits)]
+        ids = [init_token(tok, te, t, w, any_word=sd.source == "sdxl-random") for t, w in zip(tokens, inits)]
         if ids:
             emb = te.text_model.embeddings
             emb.token_embedding = NewTokens(emb.token_embedding, ids)
@@ -172,10 +175,12 @@ def encode_prompts(sd, prompts, amp):
 
 
 def make_caches(sd, images, captions, base_prompts, new_tokens, amp, device, crops=None, class_prompt=None,
-                batch_size=1):
+                batch_size=1, sample_prompts=()):
     """-> TrainData. `images`: [(uint8 image, time_ids)] (+ db-prior's class images after the n = len(captions)
     instance images); crops: a CropCache for --crop random / --random-flip (then the VAE stays where it is). Under
-    torchrun every process builds the same caches itself: small next to the model every GPU holds anyway."""
+    torchrun every process builds the same caches itself: small next to the model every GPU holds anyway.
+    Without new tokens every prompt of the run is fixed (these, and the checkpoints' sample_prompts): they are
+    encoded now and the text encoders are dropped (1.5 GiB in bf16). With new tokens they stay, for theta's."""
     device_of_unet = next(sd.unet.parameters()).device
     sd.unet.to("cpu")  # off the GPU while the VAE encodes at full resolution (GBs of activations); no-op on a CPU
     means, logvars = encode_images(sd.vae, [x for x, _ in images])
@@ -187,6 +192,8 @@ def make_caches(sd, images, captions, base_prompts, new_tokens, amp, device, cro
     if class_prompt:  # one batch of B copies: the class half of every db-prior batch
         with torch.no_grad(), amp():
             class_cond = sd.encode_prompt([class_prompt] * batch_size)
+    if not new_tokens:
+        sd.release_text_encoders(list(sample_prompts) + ([""] if not sd.force_zeros_for_empty_prompt else []), amp)
     return TrainData(n=len(captions), means=means, logvars=logvars, captions=captions, base_ctx=base_ctx,
                      base_pooled=base_pooled, class_cond=class_cond, new_tokens=new_tokens,
                      alphas_cumprod=alphas_cumprod(sd.scheduler), device=device, crops=crops,
@@ -356,18 +363,14 @@ def lr_factor(step, warmup=0, schedule="constant", steps=1):
     return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
 
 
-def precision(name, device, random_weights=False):
-    """-> (precision, dtype the frozen weights compute in, autocast context for it): bf16 on a GPU, fp32 on a CPU,
-    unless --precision says otherwise. fp8 stores the frozen Linear/Conv weights in float8 and computes in bf16 (fp32
-    on a CPU without bf16 kernels): product/float8.py. The LoRA and the token rows are fp32 in every case.
-    random_weights (--model sdxl-random) saturate DCO's loss at once, and then every gradient is a denormal float,
-    which x86 CPUs compute many times slower: they are flushed to zero so that the dry run times the real work
-    (process-wide, and it changes the last bits, so only there: a real run keeps the arithmetic tests reproduce)."""
-    if random_weights:
-        torch.set_flush_denormal(True)
-    name = name or ("bf16" if device.type == "cuda" else "fp32")
-    dtype = float8.compute_dtype_of(device) if name == "fp8" else DTYPES[name]
-    return name, dtype, functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
+def load_model(args, device, dtype, precision_name):
+    """SDXL as train() needs it; a scheduler this code cannot train fails here, before any file is written."""
+    sd = load_sdxl(args.model, device=device, dtype=dtype, variant=None if precision_name == "fp32" else "fp16",
+                   vae=args.vae, fp8=precision_name == "fp8")
+    sd.text_encoder.pool = sd.text_encoder_2.pool = args.pool
+    sd.vae.tile = args.vae_tile
+    check_scheduler_config(sd.scheduler)
+    return sd
 
 
 def train(args, loss_fn=None):
@@ -383,15 +386,12 @@ def train(args, loss_fn=None):
     rank, world_size, device = distributed.init(args.device)  # under torchrun: this process's rank and GPU
     class_dir = args.class_dir if args.loss == "db-prior" else None
     run = run_folder.Run(args.output, rank == 0, args.checkpoint_every, class_dir, not args.no_report)  # checks output
-    mp, dtype, amp = precision(args.precision, device, random_weights=args.model == "sdxl-random")
+    mp, dtype, amp = train_cli.precision(args.precision, device, random_weights=args.model == "sdxl-random")
     loss_fn = functools.partial(loss_fn or LOSSES["dco-relative" if args.relative_reward else args.loss],
                                 beta=args.beta, **({"prior_weight": args.prior_weight} if class_dir else {}))
-    # --- the model: UNet and text encoders in the training dtype, the VAE in fp32 (see sdxl.py)
-    sd = load_sdxl(args.model, device=device, dtype=dtype, variant=None if mp == "fp32" else "fp16", vae=args.vae,
-                   fp8=mp == "fp8")
-    sd.text_encoder.pool = sd.text_encoder_2.pool = args.pool
-    check_scheduler_config(sd.scheduler)  # a setting this code cannot train fails here, before any file is written
-    captions, base_prompts, tokens, inits = prepare_captions(name, captions, base_prompts, tokens, inits, sd.tokenizer)
+    sd = load_model(args, device, dtype, mp)  # the UNet and text encoders in the training dtype, the VAE in fp32
+    captions, base_prompts, tokens, inits = prepare_captions(name, captions, base_prompts, tokens, inits, sd.tokenizer,
+                                                             any_word=sd.source == "sdxl-random")
     train_cli.check_model_fits(sd, args, paths, captions, tokens)
     run.start(train_cli.run_config(args, device, world_size, mp, name, paths, captions, base_prompts, tokens, inits),
               args.resume, args.steps, train_cli.lora_file_metadata(args, tokens, inits))
@@ -405,7 +405,9 @@ def train(args, loss_fn=None):
     # --- caches: each image through the VAE once, the fixed prompts through the text encoders once
     crops = CropCache(sd.vae, paths + class_paths, args.resolution, args.resample, args.crop == "random",
                       args.random_flip, args.time_ids == "fixed") if args.crop == "random" or args.random_flip else None
-    data = make_caches(sd, images, captions, base_prompts, new_tokens, amp, device, crops, class_prompt, args.batch_size)
+    prompts = args.sample_prompt or [captions[0]] + [f"a {t} playing saxophone in sticker style" for t in tokens[:1]]
+    data = make_caches(sd, images, captions, base_prompts, new_tokens, amp, device, crops, class_prompt, args.batch_size,
+                       sample_prompts=prompts if args.sample_steps else [])
     draw = functools.partial(get_batch, data=data, sd=sd, amp=amp, seed=args.seed, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, offset_noise=args.offset_noise, snr_gamma=args.snr_gamma,
                              with_phi=args.loss == "dco", rank=rank, world_size=world_size)
@@ -417,7 +419,6 @@ def train(args, loss_fn=None):
     # --- the loop
     run.say(f"{len(paths)} images, new tokens {tokens}, {sum(p.numel() for p in params):,} trainable parameters, "
             f"loss {args.loss}, {mp} on {device} x {world_size} -> {run.out}/")
-    prompts = args.sample_prompt or [captions[0]] + [f"a {t} playing saxophone in sticker style" for t in tokens[:1]]
     for step in run.steps(start, args.steps):  # a progress bar, and the time of each step
         for group in opt.param_groups:  # --lr-warmup, --lr-schedule
             group["lr"] = group["base_lr"] * lr_factor(step, args.lr_warmup, args.lr_schedule, args.steps)

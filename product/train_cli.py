@@ -1,15 +1,18 @@
-"""train.py's command line: the flags in groups, their checks, and main() with its one-line errors.
+"""train.py's command line: the flags in groups, their checks, --precision's dtypes, and main() with its errors.
 
 None of this is the method. `python train.py --images ./dog` parses here (parse_args), trains in train.train(), and
 every error a user (or the machine) causes ends in one line through errors.cli. The flags are documented in
 docs/training.md.
 """
 import argparse
+import functools
 import os
 import sys
 
-from product import distributed, errors, run_folder
-from product.files import sha256
+import torch
+
+from product import distributed, errors, float8, run_folder
+from product.files import DTYPES, sha256
 from product.images import RESAMPLE
 from sdxl import SDXL_BASE, native_resolution
 from text_encoder import check_prompt_length
@@ -85,6 +88,9 @@ def add_run_flags(p):
                    "autocast (default: bf16 on a GPU, fp32 on a CPU); fp8: their weights in float8 with a scale per "
                    "channel, computed in bf16 (half bf16's weight memory); the LoRA and token rows train in fp32")
     g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--vae-tile", type=int, default=512, metavar="PX", help="images larger than PX x PX are encoded, "
+                   "and checkpoint samples decoded, in overlapping tiles of this size (a tile's memory, not the "
+                   "image's: GBs at 1024^2; close to, not exactly, the whole-image pass); 0: whole images")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU: faster steps after a "
                                                           "minute or two of compiling)")
     g = p.add_argument_group("checkpoints and samples")
@@ -119,6 +125,7 @@ def check_args(args):
     for flag in ("steps", "rank", "batch_size", "grad_accum", "resolution", "num_class_images"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    check_vae_tile(args.vae_tile)
     check_resolution(args.resolution, 8)  # the VAE's; the model's own factor once it is loaded (check_model_fits)
     if args.alpha is not None and not args.alpha > 0:
         raise ValueError(f"--alpha {args.alpha}: must be > 0 (the LoRA's scale is alpha / rank; leave it out for 1)")
@@ -137,6 +144,28 @@ def check_args(args):
     if args.device:
         errors.check_device(args.device)
     return args
+
+
+def check_vae_tile(px, flag="--vae-tile"):
+    if px != 0 and (px < 64 or px % 32):
+        raise ValueError(f"{flag} {px}: must be 0 (whole images) or a multiple of 32 from 64 up (512: SDXL's tiles)")
+
+
+def precision(name, device, random_weights=False):
+    """-> (precision, dtype the frozen weights compute in, autocast context for it): bf16 on a GPU, fp32 on a CPU,
+    unless --precision says otherwise. fp8 stores the frozen Linear/Conv weights in float8 and computes in bf16 (fp32
+    on a CPU without bf16 kernels): product/float8.py. The LoRA and the token rows are fp32 in every case.
+    random_weights (--model sdxl-random) saturate DCO's loss at once, and then every gradient is a denormal float,
+    which x86 CPUs compute many times slower: they are flushed to zero so that the dry run times the real work
+    (process-wide, and it changes the last bits, so only there: a real run keeps the arithmetic tests reproduce)."""
+    if random_weights:
+        torch.set_flush_denormal(True)
+    name = name or ("bf16" if device.type == "cuda" else "fp32")
+    if random_weights and device.type == "cpu":  # a dry run says what it measures
+        print(f"sdxl-random on a CPU: measuring --precision {name} (a GPU run's default is bf16; --precision bf16 or "
+              "fp8 measures those weights here)", file=sys.stderr)
+    dtype = float8.compute_dtype_of(device) if name == "fp8" else DTYPES[name]
+    return name, dtype, functools.partial(torch.autocast, device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def default_output(images, config_name):
