@@ -31,11 +31,15 @@ def cli(main, *, memory_hint="", next_command=None, quiet=False):
     memory_hint: the flags that reduce this tool's memory. next_command(): what to run after a fault (Ctrl-C, a
     full disk), e.g. train.py's "--resume continues from checkpoint-40"; default: the same command again.
     quiet: exit with the code but print nothing (torchrun's other ranks: rank 0 says it once)."""
+    with signals.handled():  # up to the exit: a SIGTERM repeated during a stop (torchrun's, say) cannot cut it short
+        return _cli(main, memory_hint, next_command, quiet)
+
+
+def _cli(main, memory_hint, next_command, quiet):
     def again():
         return next_command() if next_command else "run the same command again"
     try:
-        with signals.handled():
-            return main()
+        return main()
     except KeyboardInterrupt as e:  # Ctrl-C, or signals.Signalled (SIGTERM; train.py: after its checkpoint)
         signum = getattr(e, "signum", signal.SIGINT)
         what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"

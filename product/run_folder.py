@@ -387,7 +387,7 @@ class Run:
         every process checkpoints when a signal asked the run to stop. Every process joins one collective here, so
         all of them stop after the same step, even if the signal reached only one."""
         pause_for_test(f"step {done}")  # the test hook (product/signals.py); nothing unless DCO_TEST_PAUSE says so
-        self.stopping = agree(stop.signum or 0)  # the signal's number, 0 for none
+        self.stopping = agree(stop.requested())  # the signal's number, 0 for none
         return bool(self.stopping) or (self.master and (done == steps or bool(self.checkpoint_every and
                                                                               done % self.checkpoint_every == 0)))
 
@@ -403,6 +403,7 @@ class Run:
                                 self.metadata)
         if self.stopping:
             barrier()  # rank 0 has saved: under torchrun no process may end before (torchrun would stop rank 0)
+            self.bar.close()  # the progress bar's line ends before the one line errors.cli prints
             if self.master:
                 self.lock.release()
             raise Signalled(self.stopping)

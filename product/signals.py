@@ -49,6 +49,11 @@ class Stop:
             raise Signalled(signum)
         # a repeated SIGTERM: ignored (a scheduler may send it to every process, and torchrun again)
 
+    def requested(self):
+        """The number of the signal that asked to stop, 0 for none. A call, so that a handler due is run first
+        (Python runs them between bytecodes, at latest when a function starts)."""
+        return self.signum or 0
+
 
 stop = Stop()
 
