@@ -505,7 +505,7 @@ def parser():
     p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance weight (0: unconditional, 1: "
                                                             "the prompt without guidance)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi of Lin et al. 2023 (0.7 there): pulls "
-                   "the guided prediction's std back to the conditional one's (against over-exposure); 0 = off")
+                   "the guided prediction's std back to the conditional one's (against over-exposure); 0: off")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--sampler", default="euler", choices=["euler", "ddim"])
     p.add_argument("--seed", type=int, default=0, help="0 .. 2^63-1")
