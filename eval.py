@@ -33,7 +33,7 @@ from PIL import Image
 from evaluation.dinov2 import load_dinov2
 from evaluation.siglip import load_siglip
 from product import errors
-from product.files import DTYPES, atomic, check_writable
+from product.files import DTYPES, atomic, check_writable, image_format, save_image
 
 # Defaults: the paper names DINOv2 and SigLIP; these are the largest public checkpoints of each that a 24 GB GPU runs
 # easily (see docs/sampling_and_merging.md, "Measuring your LoRA as the paper does").
@@ -309,7 +309,7 @@ def pareto_plot(means, level, path, title=""):
                                   color=(127, 127, 127), dashed=True))
     img = plot.lines(series, xlabel="image-text similarity (SigLIP)", ylabel="image similarity (DINOv2)",
                      title=title or "mean per method and w_con (points labelled by w_con)")
-    _atomic(path, lambda tmp: img.save(tmp, format="PNG"))
+    save_image(img, path)  # in the format --plot's extension names
 
 
 def report(means, level, text):
@@ -321,7 +321,10 @@ def report(means, level, text):
     return "\n".join(lines)
 
 
-def main(argv=None):
+NUMBERS = {"batch_size": ">= 1"}  # the range of every numeric flag (errors.check_flags)
+
+
+def parser():
     p = argparse.ArgumentParser(description="DINOv2 image similarity and SigLIP image-text similarity of samples, "
                                             "as the DCO paper measures them.")
     p.add_argument("samples", nargs="+", metavar="SAMPLES_DIR", help="folder(s) of sample images (sample.py's PNGs)")
@@ -330,24 +333,29 @@ def main(argv=None):
     p.add_argument("--siglip", default=SIGLIP, help="SigLIP hub id or local folder")
     p.add_argument("--no-text", action="store_true", help="image similarity only (no prompts needed)")
     p.add_argument("--output", default="scores.csv", help="the per-image CSV")
-    p.add_argument("--plot", metavar="PNG", help="also draw the Pareto plot (text vs image similarity per w_con)")
+    p.add_argument("--plot", metavar="PNG", help="also draw the Pareto plot (text vs image similarity per w_con): "
+                                                 ".png, .jpg or .webp")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", default="fp32", choices=list(DTYPES), help="DINOv2 and SigLIP weights (default "
                                                                                 "fp32, as the paper's scores)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     errors.cli(lambda: run(args), memory_hint="lower --batch-size")
 
 
 def run(args):
     text = not args.no_text
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+    errors.check_flags(vars(args), NUMBERS)
     if args.plot and not text:
         raise ValueError("--plot needs the text similarity for its x axis: drop --no-text")
     errors.check_device(args.device)
     check_writable(args.output, "--output")
     if args.plot:
+        image_format(args.plot, "--plot")
         check_writable(args.plot, "--plot")
     samples = collect_samples(args.samples)  # cheap checks before loading models
     check_inputs(samples, args.reference, text)

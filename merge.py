@@ -40,8 +40,8 @@ from baselines.ziplora import zip_sources
 from lora import concat_loras, load_lora_file, save_lora_kohya, save_lora_peft
 from product import errors
 from product.files import (COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, atomic, check_writable,
-                           find_lora_files, official_tokens, open_safetensors, parse_token, read_learned_tokens,
-                           save_tensors, write_json)
+                           find_lora_files, metadata_list, official_tokens, open_safetensors, parse_token,
+                           read_learned_tokens, read_metadata_list, save_tensors, write_json)
 from product.hub import CONFIG_FILES, download
 from sdxl import SDXL_BASE, load_sdxl, model_path, read_config
 from text_encoder import CLIPTextModel, normalize
@@ -194,12 +194,12 @@ def merge_embeddings(sources):
 
 
 def merge_metadata(sources, weights, base, tokens, init_words) -> dict:
-    """str -> str safetensors metadata: 'token'/'init_word' as the trainer writes them (sample.py reads them), and
+    """str -> str safetensors metadata: 'token'/'init_word' (JSON lists) as the trainer writes them (sample.py reads them), and
     'merged_from': JSON list of {source, weight, tokens, metadata} (each source's own metadata, nested as is)."""
     record = [{"source": s.path, "weight": w, "tokens": s.tokens,
                "metadata": {k: v for k, v in s.metadata.items() if k != "lora_adapter_metadata"}}
               for s, w in zip(sources, weights)]
-    return {"base_model": base, "token": ",".join(tokens), "init_word": ",".join(init_words),
+    return {"base_model": base, "token": metadata_list(tokens), "init_word": metadata_list(init_words),
             "merged_from": json.dumps(record)}
 
 
@@ -262,7 +262,7 @@ def merge(paths, weights=None, output=None, model=None, into_base=None, precisio
         raise ValueError("--into-base needs --model: the base model whose UNet the merged LoRA is baked into")
     if into_base and not into_base.endswith(".safetensors"):
         raise ValueError(f"--into-base {into_base}: must be a .safetensors file")
-    errors.check_numbers(weights=weights)
+    errors.check_flags({"weights": weights}, {"weights": NUMBERS["weights"]})
     if output:
         check_output(output)
         check_writable(output, "--output folder")
@@ -381,11 +381,16 @@ def analyze(path_a, path_b, csv_path=None, model=None):
 
 # ---------------------------------------------------------------------------------------------------------
 
-def main(argv=None):
+# The range of every numeric flag's meaning (errors.check_flags).
+NUMBERS = {"weights": "finite", "ziplora_steps": ">= 0", "ziplora_lr": "> 0", "ziplora_lambda": ">= 0"}
+
+
+def parser():
     p = argparse.ArgumentParser(description="Merge DCO LoRAs exactly (w1 dW1 + w2 dW2 + ...), or analyze how two "
                                             "LoRAs overlap (--analyze A B).")
     p.add_argument("loras", nargs="+", help="trainer output folders (or LoRA .safetensors files)")
-    p.add_argument("--weights", nargs="+", type=float, help="one weight per LoRA (default: all 1)")
+    p.add_argument("--weights", nargs="+", type=float, help="one weight per LoRA (default: all 1), of "
+                   "any sign: a negative one subtracts that LoRA's update")
     p.add_argument("--output", help="folder for the merged LoRA (diffusers + kohya files, learned tokens)")
     p.add_argument("--model", help="the base model (hub id, diffusers folder, single file, tiny, sdxl-random); "
                                    "default: the LoRAs' base_model metadata, else SDXL base. Only configs are read, "
@@ -397,9 +402,11 @@ def main(argv=None):
     p.add_argument("--method", default="sum", choices=["sum", "ziplora"], help="sum: the exact sum (DCO's way, "
                    "default); ziplora: fit ZipLoRA's per-column mergers first (Shah et al. 2023; two LoRAs, needs "
                    "--model and the trainer folders' training images; see baselines/ziplora.py)")
-    p.add_argument("--ziplora-steps", type=int, default=100, help="ZipLoRA optimisation steps (paper: 100)")
+    p.add_argument("--ziplora-steps", type=int, default=100, help="ZipLoRA optimisation steps (paper: 100; 0: "
+                   "none, the mergers stay at their start)")
     p.add_argument("--ziplora-lr", type=float, default=1e-2, help="ZipLoRA's Adam learning rate")
-    p.add_argument("--ziplora-lambda", type=float, default=0.01, help="weight of the |cos(m_a, m_b)| penalty")
+    p.add_argument("--ziplora-lambda", type=float, default=0.01, help="weight of the |cos(m_a, m_b)| penalty "
+                   "(0: none)")
     p.add_argument("--device", help="--method ziplora: default cuda if available, else cpu")
     p.add_argument("--token", action="append", type=parse_token, default=[], metavar="TOKEN[=INIT_WORD]",
                    help="names of learned token rows saved without them (the official DCO code), in order; repeatable")
@@ -407,19 +414,22 @@ def main(argv=None):
     p.add_argument("--config-name", help="which entry of --config")
     p.add_argument("--analyze", action="store_true", help="print the interference table of two LoRAs (no merge)")
     p.add_argument("--csv", help="--analyze: CSV path (default: interference_<A>_<B>.csv beside A)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     errors.cli(lambda: run(args), memory_hint="--into-base loads the base UNet, --method ziplora runs it: use a "
                                               "machine with more memory, or the plain sum without --into-base")
 
 
 def run(args):
+    errors.check_flags(vars(args), NUMBERS)
     if args.analyze:
         if len(args.loras) != 2 or args.weights or args.output or args.into_base:
             raise ValueError("--analyze compares exactly two LoRAs and writes only --csv")
         analyze(*args.loras, csv_path=args.csv, model=args.model)
         return
-    if args.ziplora_steps < 0 or args.ziplora_lr <= 0 or args.ziplora_lambda < 0:
-        raise ValueError("--ziplora-steps and --ziplora-lambda must be >= 0, --ziplora-lr > 0")
     names = list(args.token)
     if args.config or args.config_name:
         if not (args.config and args.config_name):
@@ -431,7 +441,7 @@ def run(args):
     ranks = [d.shape[0] for c in layers.values() for d, _, _ in c.values()]
     rank = f"{min(ranks)}" if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
     print(f"merged {len(args.loras)} LoRAs ({len(ranks)} layers, rank {rank}, tokens "
-          f"{meta['token'] or 'none'}) -> {', '.join(x for x in (args.output, args.into_base) if x)}")
+          f"{', '.join(read_metadata_list(meta, 'token')) or 'none'}) -> {', '.join(x for x in (args.output, args.into_base) if x)}")
 
 
 if __name__ == "__main__":

@@ -33,17 +33,17 @@ import sys
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from dco import alphas_cumprod
 from lora import apply_lora, load_lora_file, lora_modules, lora_scale
 from product import errors, float8
 from product.files import (BUNDLE, COMPONENTS, DTYPES, EMBEDS_FILE, KOHYA_FILE, PEFT_FILE, check_writable,
-                           find_lora_files, official_tokens, open_safetensors, parse_token, read_learned_tokens,
-                           save_image)
+                           find_lora_files, image_format, official_tokens, open_safetensors, parse_token,
+                           read_learned_tokens, save_image)
 from product.hub import SDXL_BASE
 from text_encoder import check_prompt_length, resize_token_embeddings
+from vae import check_tile
 
 # ----------------------------------------------------------------------------------------------------------
 # Samplers: pure functions of model_fn(x_t, t) -> the guided model output (eps, or v for a v-prediction base). The
@@ -443,13 +443,10 @@ def replace_tokens(prompt, tokens):
 # Output files
 
 
-def save_png(image, path, meta):
-    """The image with its settings as PNG text (prompt, w_con, seed, ...), atomically; the folder is made only now,
-    so a run that fails leaves no empty folder."""
-    info = PngInfo()
-    for key, value in meta.items():
-        info.add_text(key, str(value))
-    save_image(image, path, info)
+def save_sample(image, path, meta):
+    """The image in its extension's format (files.save_image), atomically; a PNG gets its settings as PNG text
+    (prompt, w_con, seed, ...: every value as str). The folder is made only now, so a failed run leaves none."""
+    save_image(image, path, {key: str(value) for key, value in meta.items()})
 
 
 def make_grid(rows, labels=None):
@@ -483,10 +480,16 @@ def wcon_list(text):
     return [float(w) for w in text.split(",")]
 
 
-def main(argv=None):
+# The range of every numeric flag's meaning (errors.check_flags); "lora" is the weight of each --lora DIR:weight.
+NUMBERS = {"wcon": ">= 0", "cfg": ">= 0", "guidance_rescale": "0 .. 1", "steps": ">= 1", "seed": "seed", "n": ">= 1",
+           "height": ">= 8", "width": ">= 8", "lora": "finite", "vae_tile": ">= 0"}
+
+
+def parser():
     p = argparse.ArgumentParser(description="Sample SDXL, with DCO LoRAs and consistency guidance.")
     p.add_argument("--lora", action="append", default=[], metavar="DIR_OR_FILE[:weight]",
-                   help="trainer output folder or LoRA file; repeat to combine several (their updates add up)")
+                   help="trainer output folder or LoRA file; repeat to combine several (their updates add up); a "
+                        "weight of any sign (default 1; negative subtracts the LoRA's update)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--token", action="append", type=parse_token, default=[], metavar="TOKEN[=INIT_WORD]",
                    help="names of learned token rows saved without them (the official DCO code's learned_embeds), in "
@@ -499,13 +502,14 @@ def main(argv=None):
                                          "replaced by its init word)")
     p.add_argument("--negative-prompt", help="default: none, i.e. SDXL's zero embeddings")
     p.add_argument("--wcon", type=wcon_list, help="consistency guidance weight(s), e.g. 3 or 0,1,2,3,4 for a sweep grid "
-                                  "(default 3 with --lora, 0 without)")
-    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance weight")
+                                  "(default 3 with --lora, 0 without; 0: plain sampling with the LoRA on)")
+    p.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance weight (0: unconditional, 1: "
+                                                            "the prompt without guidance)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="phi of Lin et al. 2023 (0.7 there): pulls "
-                   "the guided prediction's std back to the conditional one's (against over-exposure); 0 = off")
+                   "the guided prediction's std back to the conditional one's (against over-exposure); 0: off")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--sampler", default="euler", choices=["euler", "ddim"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="0 .. 2^63-1")
     p.add_argument("--n", type=int, default=4, help="images per prompt (and w_con)")
     p.add_argument("--height", type=int, help="default: the model's own resolution, 1024 for SDXL (32 for tiny)")
     p.add_argument("--width", type=int, help="default: as --height")
@@ -513,38 +517,44 @@ def main(argv=None):
                    help="hub repo id, local diffusers folder, single-file .safetensors, tiny, or sdxl-random "
                         "(the real shapes, random weights: a dry run)")
     p.add_argument("--vae", help="another VAE (hub id or folder), e.g. madebyollin/sdxl-vae-fp16-fix")
-    p.add_argument("--output", default="out.png", help="the image (--n 1), else the grid, with the images beside it")
+    p.add_argument("--vae-tile", type=int, default=0, metavar="PX", help="decode images larger than PX x PX in "
+                   "overlapping tiles (a tile's memory, close to the whole-image decode); 0: whole images (default)")
+    p.add_argument("--output", default="out.png", help="the image (--n 1), else the grid, with the images beside "
+                   "it; .png (with the settings as PNG text), .jpg/.jpeg (quality 95) or .webp (lossless), which "
+                   "have no settings in them")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=[*DTYPES, "fp8"], help="UNet and text encoders (default: fp16 on cuda, "
                    "else fp32); fp8: their weights in float8 with a scale per channel, computed in bf16")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     errors.cli(lambda: run(args), memory_hint="lower --height/--width or --n, or on a GPU use --precision fp16")
 
 
 def run(args):
     from sdxl import load_sdxl, native_resolution  # here, so the sampling functions above import without the loader
 
-    args.height = args.height or native_resolution(args.model)
-    args.width = args.width or args.height
-
     loras = [parse_lora_arg(a) for a in args.lora]
+    errors.check_flags({**vars(args), "lora": [w for _, w in loras]}, NUMBERS)  # before the defaults: 0 is no default
+    check_tile(args.vae_tile)
+    args.height = args.height if args.height is not None else native_resolution(args.model)
+    args.width = args.width if args.width is not None else args.height
     for path, _ in loras:  # before loading gigabytes
         if not os.path.exists(path):
             raise FileNotFoundError(f"--lora {path}: no such file or folder")
     wcons = args.wcon or [3.0 if loras else 0.0]
-    errors.check_numbers(cfg=args.cfg, wcon=wcons, lora=[w for _, w in loras])
     errors.check_device(args.device)
     for flag in ("height", "width"):
-        if getattr(args, flag) <= 0 or getattr(args, flag) % 8:
+        if getattr(args, flag) % 8:
             raise ValueError(f"--{flag} {getattr(args, flag)}: must be a positive multiple of 8")
+    stem, ext = os.path.splitext(args.output)
+    ext = ext or ".png"  # a name without an extension gets .png
+    image_format(stem + ext)  # .png, .jpg or .webp, or one line
     check_writable(args.output, "--output")  # before loading the model: a read-only or full disk, a folder in the way
     if any(wcons) and not loras:
         raise ValueError("--wcon > 0 needs a --lora: consistency guidance compares a LoRA model with the base model")
-    if args.n < 1:
-        raise ValueError(f"--n {args.n}: must be at least 1")
-    if not 0 <= args.guidance_rescale <= 1:
-        raise ValueError(f"--guidance-rescale {args.guidance_rescale:g}: must be between 0 and 1 (0.7 in Lin et al. "
-                         "2023)")
     precision = args.precision or ("fp16" if torch.device(args.device).type == "cuda" else "fp32")
     dtype = float8.compute_dtype_of(args.device) if precision == "fp8" else DTYPES[precision]
     names = list(args.token)
@@ -554,6 +564,7 @@ def run(args):
         names += official_tokens(args.config, args.config_name)
     sd = load_sdxl(args.model, device=args.device, dtype=dtype, variant=None if precision == "fp32" else "fp16",
                    vae=args.vae, fp8=precision == "fp8")
+    sd.vae.tile = args.vae_tile
     metas = [read_lora_metadata(path) for path, _ in loras]
     pools = {p for p in map(lora_pooling, metas) if p}
     sd.text_encoder.pool = sd.text_encoder_2.pool = args.pool or (pools.pop() if len(pools) == 1 else "eos")
@@ -588,8 +599,6 @@ def run(args):
             "height": args.height, "width": args.width, "software": "dco sample.py", "method": method,
             "pool": sd.text_encoder_2.pool}
     meta = {k: v for k, v in meta.items() if v is not None}
-    stem, ext = os.path.splitext(args.output)
-    ext = ext or ".png"
     rows = []
     for wcon in wcons:
         images = generate(sd, [args.prompt], negative_prompt=args.negative_prompt, base_prompts=base_prompt,
@@ -597,14 +606,14 @@ def run(args):
                           guidance_rescale=args.guidance_rescale, sampler=args.sampler, seed=args.seed, n=args.n)
         rows.append(images)
         if len(wcons) == 1 and args.n == 1:
-            save_png(images[0], stem + ext, {**meta, "wcon": f"{wcon:g}"})
+            save_sample(images[0], stem + ext, {**meta, "wcon": f"{wcon:g}"})
             print(f"wrote {stem + ext}")
             return
         for i, image in enumerate(images):
             name = f"{stem}_wcon{wcon:g}_{i}{ext}" if len(wcons) > 1 else f"{stem}_{i}{ext}"
-            save_png(image, name, {**meta, "wcon": f"{wcon:g}", "index": i})
+            save_sample(image, name, {**meta, "wcon": f"{wcon:g}", "index": i})
     labels = [wcon_label(w) for w in wcons] if len(wcons) > 1 else None
-    save_png(make_grid(rows, labels), stem + ext, {**meta, "wcon": ",".join(f"{w:g}" for w in wcons), "n": args.n})
+    save_sample(make_grid(rows, labels), stem + ext, {**meta, "wcon": ",".join(f"{w:g}" for w in wcons), "n": args.n})
     print(f"wrote {stem + ext} (grid) and {len(wcons) * args.n} images beside it")
 
 

@@ -392,10 +392,10 @@ def train(args, loss_fn=None):
     sd = load_model(args, device, dtype, mp)  # the UNet and text encoders in the training dtype, the VAE in fp32
     captions, base_prompts, tokens, inits = prepare_captions(name, captions, base_prompts, tokens, inits, sd.tokenizer,
                                                              any_word=sd.source == "sdxl-random")
-    train_cli.check_model_fits(sd, args, paths, captions, tokens)
+    class_prompt = (args.class_prompt or f"a photo of a {inits[0] if inits else name}") if class_dir else None
+    train_cli.check_model_fits(sd, args, paths, captions, tokens, class_prompt)  # the last checks: then files
     run.start(train_cli.run_config(args, device, world_size, mp, name, paths, captions, base_prompts, tokens, inits),
               args.resume, args.steps, train_cli.lora_file_metadata(args, tokens, inits))
-    class_prompt = (args.class_prompt or f"a photo of a {inits[0] if inits else name}") if class_dir else None
     class_paths = dreambooth.class_images(sd, class_prompt, class_dir, args.num_class_images, args.model, args.resolution,
                                           args.seed, args.sample_steps or 25, run.master) if class_dir else []
     images += [load(p) for p in class_paths]  # db-prior: made by the base model, before any LoRA exists

@@ -205,6 +205,11 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
+def check_tile(px, flag="--vae-tile"):
+    if px != 0 and (px < 64 or px % 32):
+        raise ValueError(f"{flag} {px}: must be 0 (whole images) or a multiple of 32 from 64 up (512: SDXL's tiles)")
+
+
 def tiled(fn, x, tile, overlap, scale):
     """fn on overlapping tile x tile windows of x [B,C,H,W] (each tile `overlap` into the next), its outputs (a tensor
     or a tuple, sizes times `scale`) blended with linear ramps across the overlaps. The peak is one tile's activations

@@ -14,17 +14,23 @@ from product.files import read_json, save_image, write_json
 from sample import generate_while_training
 
 
+def check_class_dir(folder, prompt, model, resolution):
+    """Before anything is written: `folder` holds no class images made with other settings -> its info.json path."""
+    info, info_path = {"prompt": prompt, "model": model, "resolution": resolution}, Path(folder, "info.json")
+    if info_path.is_file() and read_json(info_path) != info:
+        raise ValueError(f"--class-dir {folder}: holds class images of another prompt/model/resolution; pass another "
+                         "--class-dir")
+    return info_path
+
+
 def class_images(sd, prompt, folder, n, model, resolution, seed=0, steps=25, master=True):
     """The base model's own images of the class -> their n paths in `folder`, generated where missing. Under
     torchrun rank 0 makes them while the others wait, then every process reads them."""
     paths = [os.path.join(folder, f"{i:04d}.png") for i in range(n)]
     if master:
         os.makedirs(folder, exist_ok=True)
-        info, info_path = {"prompt": prompt, "model": model, "resolution": resolution}, Path(folder, "info.json")
-        if info_path.is_file() and read_json(info_path) != info:
-            raise ValueError(f"{folder} holds class images of another prompt/model/resolution; pass another "
-                             "--class-dir")
-        write_json(info_path, info)
+        write_json(check_class_dir(folder, prompt, model, resolution), {"prompt": prompt, "model": model,
+                                                                        "resolution": resolution})
         for i in tqdm([i for i, p in enumerate(paths) if not os.path.exists(p)], desc="class images"):
             (image,) = generate_while_training(sd, [prompt], resolution, steps, seed=seed + i)
             save_image(image, paths[i])

@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from dco import add_noise, alphas_cumprod, dco_loss, diffusion_loss, sample_noise, sample_timesteps  # noqa: E402
 from lora import inject_lora, lora_modules, lora_parameters, lora_scale  # noqa: E402
+from product import errors  # noqa: E402
 from sample import euler_schedule, guided_eps, sample_euler  # noqa: E402
 from text_encoder import CLIPTextModel, encode_prompt  # noqa: E402
 from train import Batch, db_loss, train_step  # noqa: E402
@@ -679,7 +680,7 @@ def main(argv=None):
     if "--real-size" in argv:
         from benchmarks import real_size
         return real_size.main([a for a in argv if a != "--real-size"])
-    args = p.parse_args(argv)
+    args = errors.parse_flags(p, argv, {"repeats": ">= 1", "warmup": ">= 0", "threads": ">= 1"})
     device = torch.device(args.device)
     partial = args.quick or args.size is not None
     args.size = args.size or ("tiny" if args.quick else "sdxl" if device.type == "cuda" else "medium")

@@ -19,6 +19,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python benchmarks/ddp.py` as well as `python -m benchmarks.ddp`
+    sys.path.insert(0, str(ROOT))
+from product import errors  # noqa: E402
 
 
 def median_step(cmd, out, steps):
@@ -30,11 +33,11 @@ def median_step(cmd, out, steps):
     return statistics.median(times[2:])  # the first steps warm up
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=30)
-    args = p.parse_args()
+    args = errors.parse_flags(p, argv, {"rounds": ">= 1", "steps": ">= 3"})  # the median skips 2 warm-up steps
     common = [str(ROOT / "train.py"), "--images", str(ROOT / "tinyworld" / "concepts" / "checker"), "--model", "tiny",
               "--token", "<checker>", "--init-word", "yellow", "--steps", str(args.steps), "--device", "cpu",
               "--checkpoint-every", "0", "--sample-steps", "0"]

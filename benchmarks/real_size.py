@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from benchmarks.bench import _CPU_SDPA, machine  # noqa: E402
 from dco import add_noise, alphas_cumprod, dco_loss, sample_noise, sample_timesteps  # noqa: E402
 from lora import UNET_ATTN, inject_lora, lora_modules, lora_parameters, lora_scale  # noqa: E402
+from product import errors  # noqa: E402
 from sample import decode as sample_decode, guided_eps  # noqa: E402
 from sdxl import RANDOM_CONFIGS, load_sdxl, randomize_  # noqa: E402
 from text_encoder import init_token  # noqa: E402
@@ -400,7 +401,8 @@ def main(argv=None):
     p.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--json", default=str(ROOT / "docs" / "real_size.json"), help="the raw measurements")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = errors.parse_flags(p, argv, {"resolutions": ">= 8", "steps": ">= 1", "rounds": ">= 1", "cg_rounds": ">= 1",
+                                        "threads": ">= 1"})
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as train.main: a saturated DCO loss makes denormal gradients, slow on CPUs
     if args.child:

@@ -76,6 +76,17 @@ def average(x):
     return x / dist.get_world_size()
 
 
+def agree(value):
+    """The largest of every process's whole number `value` (train.py: the number of a signal that asked to stop, 0
+    for none), so that every process takes the same decision after the same step."""
+    if not dist.is_initialized():
+        return value
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    x = torch.tensor([value], device=device)
+    dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return int(x.item())
+
+
 def is_peer_failure(e):
     """A collective that failed because another process died (or hung): NCCL's exception class, gloo's words."""
     return isinstance(e, dist.DistBackendError) or "gloo/transport" in str(e)

@@ -7,10 +7,13 @@ bug, not a user error: it keeps its traceback.
 """
 import errno
 import math
+import signal
 import sys
 
 import torch
 from safetensors import SafetensorError
+
+from product import signals
 
 ADVICE = {errno.ENOSPC: "free some space", errno.EDQUOT: "free some space (disk quota)",
           errno.EROFS: "the file system is read-only: choose a writable output",
@@ -22,17 +25,25 @@ FAULTS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)  # the machine's fault, not the
 
 
 def cli(main, *, memory_hint="", next_command=None, quiet=False):
-    """Run `main()`; exit with one line for the errors a user (or the machine) causes: 1, or 130 for Ctrl-C.
+    """Run `main()`; exit with one line for the errors a user (or the machine) causes: 1, or 128 + the signal's
+    number for Ctrl-C (130) and SIGTERM (143), which stop it with no partial file left (product/signals.py).
 
     memory_hint: the flags that reduce this tool's memory. next_command(): what to run after a fault (Ctrl-C, a
     full disk), e.g. train.py's "--resume continues from checkpoint-40"; default: the same command again.
     quiet: exit with the code but print nothing (torchrun's other ranks: rank 0 says it once)."""
+    with signals.handled():  # up to the exit: a SIGTERM repeated during a stop (torchrun's, say) cannot cut it short
+        return _cli(main, memory_hint, next_command, quiet)
+
+
+def _cli(main, memory_hint, next_command, quiet):
     def again():
         return next_command() if next_command else "run the same command again"
     try:
         return main()
-    except KeyboardInterrupt:
-        message, code = f"interrupted; {again()}", 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or signals.Signalled (SIGTERM; train.py: after its checkpoint)
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        message, code = f"{what}; {again()}", 128 + signum
     except ValueError as e:  # ours, finished (UnicodeDecode/JSONDecode are ValueErrors too, named by product/files.py)
         message, code = f"error: {e}", 1
     except OSError as e:  # ours (FileNotFoundError with a message); disk full, read-only, a file in the way ...
@@ -66,13 +77,51 @@ def is_out_of_memory(e):
         "not enough memory" in text or "out of memory" in text.lower()
 
 
-def check_numbers(**values):
-    """Guidance weights, LoRA weights, beta, learning rates ...: NaN or inf would train or draw nothing (an
-    all-black image, NaN weights) without any error of its own."""
-    for name, value in values.items():
+SEED_MAX = 2 ** 63 - 1  # seeds are whole numbers that fit torch's generators (and every int64)
+
+
+def check_flags(values, rules):
+    """Every numeric flag against its meaning, before anything is loaded or written: a refusal is one line naming
+    the flag. values: {dest: value} (vars(args), a value None = left out, a list = each of its values); rules: {dest:
+    range}, the range as the message says it: "> 0", ">= 0", ">= 1", "0 .. 1", "seed" (a whole number 0 .. 2^63-1)
+    or "finite" (any sign). Every value must be finite: NaN or inf would train or draw nothing (NaN weights, a black
+    image) without an error of its own. A CLI keeps its rules in one table beside its flags (e.g. train_cli.NUMBERS),
+    and the tests check that every numeric flag has one."""
+    for name, rule in rules.items():
+        value = values.get(name)
         for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and not math.isfinite(v):
-                raise ValueError(f"--{name.replace('_', '-')} {v}: must be a finite number")
+            if v is None:
+                continue
+            flag = "--" + name.replace("_", "-")
+            if not math.isfinite(v):
+                raise ValueError(f"{flag} {v}: must be a finite number")
+            if not in_range(v, rule):
+                words = f"a whole number from 0 to 2^63-1 ({SEED_MAX})" if rule == "seed" else rule
+                raise ValueError(f"{flag} {v}: must be {words}")
+
+
+def in_range(v, rule):
+    """v within a range of check_flags ("> 0", ">= 1", "0 .. 1", "seed", "finite")."""
+    if rule == "finite":
+        return True
+    if rule == "seed":
+        return 0 <= v <= SEED_MAX
+    if ".." in rule:
+        low, high = (float(x) for x in rule.split(".."))
+        return low <= v <= high
+    op, bound = rule.split()
+    return v > float(bound) if op == ">" else v >= float(bound)
+
+
+def parse_flags(parser, argv, rules):
+    """parser.parse_args(argv) with check_flags(rules); a refusal exits with its one line (status 1). For the
+    research CLIs (tinyworld/, benchmarks/), which do not run through cli()."""
+    args = parser.parse_args(argv)
+    try:
+        check_flags(vars(args), rules)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    return args
 
 
 def check_device(name):

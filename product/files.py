@@ -12,8 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from PIL.PngImagePlugin import PngInfo
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from product.signals import pause_for_test
 
 PEFT_FILE = "pytorch_lora_weights.safetensors"  # diffusers / PEFT names (load_lora_weights)
 KOHYA_FILE = "lora_kohya.safetensors"  # kohya names (ComfyUI, A1111, sd-scripts)
@@ -44,6 +47,7 @@ def atomic(path):
             if isinstance(e.filename, str) and e.filename.startswith(tmp):
                 e.filename = path + e.filename[len(tmp):]
             raise
+        pause_for_test(f"write {os.path.basename(path)}")  # the test hook (product/signals.py): nothing otherwise
         if os.path.isfile(tmp):
             os.chmod(tmp, 0o666 & ~_umask())  # some writers create 0600 files; others must be able to read them
         if os.path.isdir(path) and os.path.isdir(tmp):  # a folder cannot be renamed over a non-empty one: swap
@@ -90,11 +94,33 @@ def save_tensors(path, tensors, metadata=None):
     return path
 
 
-def save_image(image, path, pnginfo=None):
-    """A PIL image as PNG, atomically (a full disk leaves the previous file, not a truncated one)."""
+# An image is written in the format its name says. Only PNG carries text (the settings of sample.py's images, which
+# eval.py reads back): JPEG and WebP files are the pixels alone.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_format(path, flag="--output"):
+    """The format an image file's extension names (PNG, JPEG, WEBP), or a ValueError naming the flag."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise ValueError(f"{flag} {path}: {f'{ext!r} is not' if ext else 'no extension names'} an image format "
+                         f"written here; end it in {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[ext]
+
+
+def save_image(image, path, text=None):
+    """A PIL image in the format of its extension (image_format), atomically (a full disk leaves the previous file,
+    not a truncated one). text: {key: str} stored as PNG text chunks (Latin-1 as tEXt, anything else as UTF-8 iTXt:
+    every string reads back equal); ignored for JPEG (saved at quality 95) and WebP (lossless)."""
+    fmt = image_format(path, "image file")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    options = {"PNG": {}, "JPEG": {"quality": 95}, "WEBP": {"lossless": True}}[fmt]
+    if fmt == "PNG" and text:
+        options["pnginfo"] = PngInfo()
+        for key, value in text.items():
+            options["pnginfo"].add_text(key, value)
     with atomic(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=pnginfo)
+        (image if fmt == "PNG" else image.convert("RGB")).save(tmp, format=fmt, **options)
     return path
 
 
@@ -102,9 +128,10 @@ def save_image(image, path, pnginfo=None):
 # Readers that name their file: a decoding error alone does not know which file it came from.
 
 def read_text(path):
-    """A UTF-8 text file; a file in another encoding is a ValueError naming it."""
+    """A UTF-8 text file, without the byte-order mark some editors put first (Windows Notepad); a file in another
+    encoding is a ValueError naming it."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}): save it "
                          "as UTF-8") from None
@@ -199,16 +226,35 @@ def find_lora_files(path):
     return lora, (embeds if embeds and os.path.isfile(embeds) else None)
 
 
+def metadata_list(values):
+    """A list of strings as a safetensors metadata value (str -> str): JSON, so that any character survives (a token
+    may hold a comma)."""
+    return json.dumps(list(values), ensure_ascii=False)
+
+
+def read_metadata_list(meta, key):
+    """The list metadata_list wrote under `key` ([] if absent). Files written before it held a comma-separated list:
+    those are read too (their tokens could hold no comma)."""
+    text = meta.get(key, "")
+    try:
+        values = json.loads(text)
+        if isinstance(values, list) and all(isinstance(v, str) for v in values):
+            return values
+    except ValueError:
+        pass
+    return [v.strip() for v in text.split(",")] if text.strip() else []
+
+
 def read_learned_tokens(path, names=None):
     """learned_embeds.safetensors -> (rows {"clip_l": [n, 768], "clip_g": [n, 1280]}, tokens, init words).
 
-    The 'token' and 'init_word' metadata are comma-separated lists, as train.py and merge.py write them; an init
+    The 'token' and 'init_word' metadata are lists (read_metadata_list), as train.py and merge.py write them; an init
     word is "" where unknown. The official DCO code writes the same rows with no metadata: then `names`, a list of
     (token, init word) from --token or the official config.json, says which tokens the rows are, in order."""
     with open_safetensors(path) as f:
         meta, rows = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys() if "lora" not in k and "alpha" not in k}
-    tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()]
-    words = [w.strip() for w in meta.get("init_word", "").split(",")]
+    tokens = [t for t in read_metadata_list(meta, "token") if t]
+    words = read_metadata_list(meta, "init_word")
     if any(k.startswith(BUNDLE) for k in rows):  # a kohya LoRA that carries its tokens (train.py --bundle-token)
         rows, tokens, words = bundled_rows(rows, tokens, words)
     if not tokens and names:  # the first n names, n = the number of rows

@@ -4,6 +4,7 @@ train.py's data, as files and pixels: which files of a folder are images, the ca
 step trains on, and the caches that send every image (or every random crop of one) through the VAE only once.
 """
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +18,38 @@ RESAMPLE = {"lanczos": Image.LANCZOS, "bilinear": Image.BILINEAR}
 
 
 def list_images(folder):
-    """A folder of training images -> (their paths, sorted; their captions, None where no NAME.txt is beside)."""
+    """A folder of training images -> (their paths, sorted; their captions, None where no NAME.txt is beside). The
+    files that are not used are named in one line, with why (hidden files and captions beside their image are not
+    listed)."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images {folder}: no such folder")
-    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
+    names = sorted(os.listdir(folder))
+    paths = [os.path.join(folder, f) for f in names if f.lower().endswith(IMAGE_EXTS)]
     if not paths:
         raise ValueError(f"--images {folder}: no images ({', '.join(IMAGE_EXTS)}) in this folder")
     sidecars = [Path(p).with_suffix(".txt") for p in paths]  # kohya's convention: dog1.txt describes dog1.jpg
-    return paths, [read_text(s).strip() if s.is_file() else None for s in sidecars]
+    unused = [f"{f} ({why})" for f in names if (why := unused_because(folder, f, {s.name for s in sidecars}))]
+    if unused and os.environ.get("RANK", "0") == "0":  # under torchrun: said once, by rank 0
+        print(f"notice: --images {folder}: {len(paths)} images; not used: {', '.join(unused)}", file=sys.stderr)
+    return paths, [caption_text(read_text(s)) if s.is_file() else None for s in sidecars]
+
+
+def unused_because(folder, name, captions):
+    """Why the file `name` of an images folder is not used (None: it is, or it is hidden)."""
+    if name.startswith(".") or name.lower().endswith(IMAGE_EXTS) or name in captions:
+        return None
+    if os.path.isdir(os.path.join(folder, name)):
+        return "a folder: not searched"
+    if name.lower().endswith(".txt"):
+        return "a caption of no image"
+    return f"not one of {' '.join(IMAGE_EXTS)}"
+
+
+def caption_text(text):
+    """A caption file's text as the prompt it is: every run of white space (newlines, tabs) folded into one space,
+    none at the ends (read_text already dropped a byte-order mark). CLIP's tokenizer folds white space too, so the
+    tokens stay the same; what changes is that train_config.json, the log and the sample prompts hold one line."""
+    return " ".join(text.split())
 
 
 def load_resized(path, resolution, resample="lanczos"):

@@ -29,10 +29,12 @@ import torch
 from tqdm import tqdm
 
 from lora import load_lora_file, lora_modules, save_lora_kohya, save_lora_peft
-from product.distributed import average, barrier, gather
+from product.distributed import agree, average, barrier, gather
 from product.files import (EMBEDS_FILE, FINAL_INCOMPLETE, PEFT_FILE, atomic, check_writable, load_tensors, read_json,
-                           read_text, remove_temporaries, save_image, save_tensors, write_json)
+                           read_metadata_list, read_text, remove_temporaries, save_image, save_tensors,
+                           write_json)
 from product.report import BetaCheck, write_report
+from product.signals import Signalled, pause_for_test, stop
 
 CONFIG_FILE, LOG_FILE = "train_config.json", "log.jsonl"
 # Settings a resumed run must share with the run it continues: they shape the LoRA, the data or the draws.
@@ -214,7 +216,7 @@ def save_final(out, unet, new_tokens, meta, bundle=False):
     with atomic(staging) as tmp:
         os.makedirs(tmp)
         save_lora(tmp, unet, new_tokens, meta)
-        tokens = [t.strip() for t in meta.get("token", "").split(",") if t.strip()] if bundle and new_tokens else []
+        tokens = read_metadata_list(meta, "token") if bundle and new_tokens else []
         bundled = {t: {"clip_l": new_tokens[0].rows[i:i + 1], "clip_g": new_tokens[1].rows[i:i + 1]}
                    for i, t in enumerate(tokens)}
         save_lora_kohya(tmp, {"unet": unet}, unet.config, meta, embeddings=bundled)
@@ -332,7 +334,7 @@ class Run:
     def __init__(self, out, master=True, checkpoint_every=0, class_dir=None, report=True):
         self.out, self.master, self.checkpoint_every, self.report = out, master, checkpoint_every, report
         self.lock = self.resume_from = self.bar = self.beta_check = None
-        self.times, self.t0 = [], None
+        self.times, self.t0, self.stopping = [], None, 0
         if master:
             preflight(out, class_dir)  # before the model is loaded: the folders can be written, no run is there
 
@@ -356,8 +358,11 @@ class Run:
         return resume(self.resume_from, unet, new_tokens, opt, scaler, steps, self.master) if self.resume_from else 0
 
     def steps(self, start, total):
-        """The steps still to train, behind a progress bar (rank 0's); each step's time is taken for log()."""
+        """The steps still to train, behind a progress bar (rank 0's); each step's time is taken for log(). From here
+        to the end of finish() a SIGTERM or Ctrl-C only asks to stop (product/signals.py): checkpoint_due() sees it
+        after the step in progress."""
         self.bar = tqdm(range(start, total), initial=start, total=total, desc="train", disable=not self.master)
+        stop.deferring = True
         for step in self.bar:
             self.t0 = time.perf_counter()
             yield step
@@ -378,29 +383,45 @@ class Run:
             self.bar.set_postfix({k: f"{self.record[k]:.4g}" for k in ("loss", "implicit_reward") if k in self.record})
 
     def checkpoint_due(self, done, steps):
-        """After `done` steps: rank 0 checkpoints (and samples) every --checkpoint-every steps and at the end."""
-        return self.master and (done == steps or bool(self.checkpoint_every and done % self.checkpoint_every == 0))
+        """After `done` steps: rank 0 checkpoints (and samples) every --checkpoint-every steps and at the end; and
+        every process checkpoints when a signal asked the run to stop. Every process joins one collective here, so
+        all of them stop after the same step, even if the signal reached only one."""
+        pause_for_test(f"step {done}")  # the test hook (product/signals.py); nothing unless DCO_TEST_PAUSE says so
+        self.stopping = agree(stop.requested())  # the signal's number, 0 for none
+        return bool(self.stopping) or (self.master and (done == steps or bool(self.checkpoint_every and
+                                                                              done % self.checkpoint_every == 0)))
 
     def checkpoint(self, done, unet, new_tokens, opt, scaler, params, samples=None):
         """The weights are checked first (nothing NaN is ever saved); with --checkpoint-every 0 only that and the
-        samples. samples() -> the sample images of the model as it is now."""
-        check_step_finite(self.out, self.record, self.config["precision"], params)
-        if self.checkpoint_every:
-            save_checkpoint(os.path.join(self.out, f"checkpoint-{done}"), unet, new_tokens, opt, scaler, done,
-                            self.metadata)
+        samples. samples() -> the sample images of the model as it is now. When a signal asked the run to stop: the
+        checkpoint alone (even with --checkpoint-every 0; no samples, no report: a scheduler gives little time), then
+        every process ends with Signalled (errors.cli: exit 128 + the signal, and the --resume line)."""
+        if self.master:
+            check_step_finite(self.out, self.record, self.config["precision"], params)
+            if self.checkpoint_every or self.stopping:
+                save_checkpoint(os.path.join(self.out, f"checkpoint-{done}"), unet, new_tokens, opt, scaler, done,
+                                self.metadata)
+        if self.stopping:
+            barrier()  # rank 0 has saved: under torchrun no process may end before (torchrun would stop rank 0)
+            self.bar.close()  # the progress bar's line ends before the one line errors.cli prints
+            if self.master:
+                self.lock.release()
+            raise Signalled(self.stopping)
         for i, image in enumerate(samples() if samples else []):
             save_image(image, os.path.join(self.out, "samples", f"step{done:06d}-{i}.png"))
         if self.report:  # report.png and samples/progress.png, redrawn from log.jsonl
             write_report(self.out)
 
     def finish(self, unet, new_tokens, bundle=False, device=None):
-        """Rank 0: the final set (save_final), the lock released, the speed and peak memory printed."""
+        """Rank 0: the final set (save_final), the lock released, the speed and peak memory printed. A signal that
+        came after the last step's check does not stop this: the final files are what the run was for."""
         if self.master:
             save_final(self.out, unet, new_tokens, self.metadata, bundle=bundle)
             if self.report:
                 write_report(self.out)
             self.lock.release()
             print_resources(self.times, device)
+        stop.deferring = False
 
 
 def log_record(step, loss, reward, t, lr, seconds):

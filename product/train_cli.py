@@ -11,14 +11,24 @@ import sys
 
 import torch
 
+from baselines import dreambooth
 from product import distributed, errors, float8, run_folder
-from product.files import DTYPES, sha256
+from product.files import DTYPES, metadata_list, sha256
 from product.images import RESAMPLE
 from sdxl import SDXL_BASE, native_resolution
 from text_encoder import check_prompt_length
+from vae import check_tile
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
-MEMORY_HINT = ("lower --resolution or --batch-size, add --gradient-checkpointing, or on a GPU use --precision bf16 (or fp8: half the weights); "
+# The range of every numeric flag's meaning (errors.check_flags; left out = its default or not used). 0 is in the
+# range only where it means something, and the help says what.
+NUMBERS = {"resolution": ">= 8", "batch_size": ">= 1", "offset_noise": ">= 0", "beta": "> 0", "snr_gamma": "> 0",
+           "steps": ">= 1", "rank": ">= 1", "alpha": "> 0", "lr": "> 0", "ti_lr": ">= 0", "lr_warmup": ">= 0",
+           "grad_accum": ">= 1", "weight_decay": ">= 0", "grad_clip": "> 0", "seed": "seed",
+           "checkpoint_every": ">= 0", "sample_steps": ">= 0", "num_class_images": ">= 1", "prior_weight": "> 0",
+           "vae_tile": ">= 0"}
+MEMORY_HINT = ("lower --resolution or --batch-size, add --gradient-checkpointing, or on a GPU use --precision bf16 "
+               "(or fp8: half the weights); "
                "--resume continues from the last checkpoint")
 
 
@@ -39,7 +49,7 @@ def parser():
     g.add_argument("--resolution", type=int, help="default: the model's own, 1024 for SDXL (32 for tiny)")
     g.add_argument("--batch-size", type=int, default=1, help="per process (under torchrun: the global batch is "
                                                              "processes x batch size x --grad-accum)")
-    g.add_argument("--offset-noise", type=float, default=0.0, help="0.1 helps learn solid colours (styles)")
+    g.add_argument("--offset-noise", type=float, default=0.0, help="0.1 helps learn solid colours (styles); 0: off")
     g.add_argument("--crop", choices=["center", "random"], default="center", help="where the RxR crop of the resized "
                    "image is taken (random: a new crop each step, as the official code)")
     g.add_argument("--random-flip", action="store_true", help="mirror each image with probability 1/2 per step")
@@ -68,15 +78,17 @@ def parser():
     g.add_argument("--rank", type=int, default=32)
     g.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: = rank, LoRA scale 1)")
     g.add_argument("--lr", type=float, default=5e-5)
-    g.add_argument("--ti-lr", type=float, default=5e-6, help="learning rate of the new token rows")
+    g.add_argument("--ti-lr", type=float, default=5e-6, help="learning rate of the new token rows (0: they stay "
+                   "their init word's)")
     g.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"],
                    help="after the warm-up: constant (the official), or a cosine / linear decay to 0 at --steps")
-    g.add_argument("--lr-warmup", type=int, default=0, help="steps of linear warm-up from 0 to the learning rates")
+    g.add_argument("--lr-warmup", type=int, default=0, help="steps of linear warm-up from 0 to the learning rates "
+                                                            "(0: none)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step: --batch-size B --grad-accum K "
                                                              "trains as --batch-size K*B in the memory of B")
-    g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW's (0: none)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max norm of the gradient (> 0)")
+    g.add_argument("--seed", type=int, default=0, help="0 .. 2^63-1")
     add_run_flags(p)
     return p
 
@@ -94,7 +106,8 @@ def add_run_flags(p):
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (GPU: faster steps after a "
                                                           "minute or two of compiling)")
     g = p.add_argument_group("checkpoints and samples")
-    g.add_argument("--checkpoint-every", type=int, default=500, help="0: no checkpoints")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="0: no checkpoints (a SIGTERM or Ctrl-C "
+                   "still writes one of the step it stops after)")
     g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
     g.add_argument("--bundle-token", action="store_true", help="also write the learned tokens into "
                    "lora_kohya.safetensors (A1111's bundle_emb keys): one file for A1111/Forge and sample.py")
@@ -118,37 +131,21 @@ def check_args(args):
         raise ValueError("--config and --config-name go together")
     if bool(args.token) != bool(args.init_word):
         raise ValueError("--token and --init-word go together, e.g. --token '<dog>' --init-word dog")
+    errors.check_flags(vars(args), NUMBERS)
     if args.resolution is None:
         args.resolution = native_resolution(args.model)
     args.output = args.output or default_output(args.images, args.config_name)
     args.class_dir = args.class_dir or os.path.join(args.output, "class_images")
-    for flag in ("steps", "rank", "batch_size", "grad_accum", "resolution", "num_class_images"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
-    check_vae_tile(args.vae_tile)
+    check_tile(args.vae_tile)
     check_resolution(args.resolution, 8)  # the VAE's; the model's own factor once it is loaded (check_model_fits)
-    if args.alpha is not None and not args.alpha > 0:
-        raise ValueError(f"--alpha {args.alpha}: must be > 0 (the LoRA's scale is alpha / rank; leave it out for 1)")
     if args.relative_reward and args.loss != "dco":
         raise ValueError(f"--relative-reward is an option of DCO's loss, not of --loss {args.loss}")
     if args.relative_reward and args.snr_gamma:  # r / l_phi divides the weights out: they would change nothing
         raise ValueError("--snr-gamma has no effect with --relative-reward (the weights cancel in r / l_phi): "
                          "use one of them")
-    if args.snr_gamma is not None and args.snr_gamma <= 0:
-        raise ValueError(f"--snr-gamma {args.snr_gamma:g}: must be > 0 (5 in Hang et al. 2023), or left out")
-    if args.seed < 0 or args.checkpoint_every < 0 or args.sample_steps < 0 or args.lr_warmup < 0:
-        raise ValueError("--seed, --checkpoint-every, --sample-steps and --lr-warmup must be >= 0")
-    errors.check_numbers(beta=args.beta, lr=args.lr, ti_lr=args.ti_lr, weight_decay=args.weight_decay,
-                         alpha=args.alpha, grad_clip=args.grad_clip, offset_noise=args.offset_noise,
-                         prior_weight=args.prior_weight, snr_gamma=args.snr_gamma)
     if args.device:
         errors.check_device(args.device)
     return args
-
-
-def check_vae_tile(px, flag="--vae-tile"):
-    if px != 0 and (px < 64 or px % 32):
-        raise ValueError(f"{flag} {px}: must be 0 (whole images) or a multiple of 32 from 64 up (512: SDXL's tiles)")
 
 
 def precision(name, device, random_weights=False):
@@ -178,11 +175,23 @@ def check_resolution(resolution, factor, what="this model (VAE and UNet downsamp
         raise ValueError(f"--resolution {resolution}: must be a multiple of {factor} for {what}")
 
 
-def check_model_fits(sd, args, paths, captions, tokens):
-    """Once the model is loaded: its downsampling divides the resolution, and CLIP's 75-token window holds every
-    learned token of every caption (a token past it trains nothing); longer prompts are read only in part."""
+def check_model_fits(sd, args, paths, captions, tokens, class_prompt=None):
+    """Once the model is loaded, before anything is written: its downsampling divides the resolution, the sampler's
+    steps fit its schedule, a learned token is a new string (not a word CLIP already has), CLIP's 75-token window
+    holds every learned token of every caption (a token past it trains nothing; longer prompts are read only in
+    part), and db-prior's --class-dir holds no class images of other settings."""
     factor = 2 ** (len(sd.vae.config["block_out_channels"]) - 1) * 2 ** (len(sd.unet.down_blocks) - 1)
     check_resolution(args.resolution, factor)
+    timesteps = sd.scheduler.get("num_train_timesteps", 1000)
+    if args.sample_steps >= timesteps:
+        raise ValueError(f"--sample-steps {args.sample_steps}: must be below the model's {timesteps} timesteps "
+                         "(0: no sample images)")
+    for token in tokens:
+        if len(sd.tokenizer.encode(token)) == 1:  # "dog" is one of CLIP's words: "training" it would hijack it
+            raise ValueError(f"{'--config inserting_tokens' if args.config else '--token'} {token!r}: already a word "
+                             f"of CLIP's vocabulary; a learned token must be a new string, e.g. '<{token}>'")
+    if class_prompt:
+        dreambooth.check_class_dir(args.class_dir, class_prompt, args.model, args.resolution)
     for path, caption in zip(paths, captions):
         if tokens and not any(t in caption for t in tokens):
             print(f"warning: the caption of {path} has no {' or '.join(tokens)}: {caption!r}", file=sys.stderr)
@@ -205,7 +214,7 @@ def lora_file_metadata(args, tokens, init_words):
     """The safetensors metadata of every LoRA file written: the recipe, and the learned tokens for sample.py."""
     return {"base_model": args.model, "rank": str(args.rank), "alpha": str(args.alpha or float(args.rank)),
             "loss": args.loss, "beta": str(args.beta), "steps": str(args.steps), "resolution": str(args.resolution),
-            "token": ",".join(tokens), "init_word": ",".join(init_words),
+            "token": metadata_list(tokens), "init_word": metadata_list(init_words),  # JSON lists
             **({"pool": args.pool} if args.pool != "eos" else {})}  # sample.py samples with the same pooling
 
 

@@ -112,7 +112,7 @@ def test_merge_takes_official_tokens(tiny_sdxl, official, tmp_path):
     merge.merge([str(folder), str(other)], output=str(tmp_path / "m"), model=str(tiny_sdxl[0]),
                 names=[("<dog>", "dog")])
     with __import__("safetensors").safe_open(str(tmp_path / "m" / "learned_embeds.safetensors"), "pt") as f:
-        assert f.metadata()["token"] == "<dog>" and torch.equal(f.get_tensor("clip_l"), rows["clip_l"])
+        assert f.metadata()["token"] == '["<dog>"]' and torch.equal(f.get_tensor("clip_l"), rows["clip_l"])
 
 
 def test_pool_flag_trains_and_is_recorded(tiny_sdxl, tmp_path):

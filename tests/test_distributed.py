@@ -5,6 +5,7 @@ Also --grad-accum, the LR schedules and the resume rule on the global batch (one
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,12 +27,13 @@ LR = ("--lr", "5e-6")
 FILES = ("pytorch_lora_weights.safetensors", "learned_embeds.safetensors")
 
 
-def torchrun(*args, cwd, stderr, launcher=()):
-    """`python -m torch.distributed.run` (= torchrun) with 2 processes on this machine, started, not waited for."""
+def torchrun(*args, cwd, stderr, launcher=(), pause=""):
+    """`python -m torch.distributed.run` (= torchrun) with 2 processes on this machine, started, not waited for.
+    pause: the test hook DCO_TEST_PAUSE (product/signals.py), e.g. "step 3": every rank stops itself there."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *launcher,
            str(ROOT / "train.py"), *args]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, cwd=cwd,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "DCO_TEST_PAUSE": pause})
 
 
 def workers(launcher_pid):
@@ -45,6 +47,25 @@ def workers(launcher_pid):
         except (OSError, KeyError, ValueError):  # a process that ended meanwhile
             pass
     return found
+
+
+def paused_workers(p, log):
+    """{rank: pid} once both ranks have stopped themselves at the test hook (state T in /proc): a wait for a state,
+    not for time (the deadline only ends a test that would otherwise hang)."""
+    deadline = time.monotonic() + 300
+    while True:
+        ranks = workers(p.pid)
+        if len(ranks) == 2 and all(state(pid) == "T" for pid in ranks.values()):
+            return ranks
+        assert p.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.02)
+
+
+def state(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
 
 
 def max_diff(a, b):
@@ -117,22 +138,21 @@ def test_rank_0_alone_writes(ddp):
 
 
 def test_a_killed_rank_ends_the_job_and_resume_is_bit_identical(ddp, tiny_sdxl, data):
-    """SIGKILL rank 1 after the first checkpoint: the whole job ends non-zero, rank 0 says why in one line, and
-    `torchrun ... --resume` then ends with the bits of the uninterrupted run. torchrun checks its workers every 0.1 s
-    by default and then stops the others with SIGTERM, often before rank 0's collective fails (1-2 s from kill to
-    exit here, the cause named by torchrun's report); checking every 3 s here lets rank 0 see the failed all_reduce
-    first, as a rank on another machine would."""
+    """SIGKILL rank 1 after step 3 (the first checkpoint is at 2; both ranks stopped there by the test hook, rank 0
+    continued at once): the whole job ends non-zero, rank 0 says why in one line, and `torchrun ... --resume` then
+    ends with the bits of the uninterrupted run. torchrun checks its workers every 0.1 s by default and then stops the
+    others with SIGTERM, often before rank 0's collective fails (1-2 s from kill to exit here, the cause named by
+    torchrun's report); checking every 3 s here lets rank 0 see the failed all_reduce first, as a rank on another
+    machine would."""
     root, images = data
     out, log = root / "killed", root / "killed.txt"
     args = argv(images, tiny_sdxl[0], out, "--steps", str(STEPS), "--checkpoint-every", "2", *LR)
     with open(log, "w") as err:
-        p = torchrun(*args, cwd=root, stderr=err, launcher=["--monitor-interval", "3"])
+        p = torchrun(*args, cwd=root, stderr=err, launcher=["--monitor-interval", "3"], pause="step 3")
         try:
-            deadline = time.monotonic() + 300
-            while not (out / "checkpoint-2").is_dir():
-                assert p.poll() is None and time.monotonic() < deadline, log.read_text()
-                time.sleep(0.005)
-            os.kill(workers(p.pid)[1], signal.SIGKILL)
+            ranks = paused_workers(p, log)
+            os.kill(ranks[1], signal.SIGKILL)
+            os.kill(ranks[0], signal.SIGCONT)
             killed = time.monotonic()
             returncode = p.wait(timeout=120)
             seconds = time.monotonic() - killed
@@ -142,7 +162,7 @@ def test_a_killed_rank_ends_the_job_and_resume_is_bit_identical(ddp, tiny_sdxl, 
     text = log.read_text()
     print(f"killed rank 1 after {len(read_log(out))} steps: torchrun exited {returncode} {seconds:.1f} s later")
     assert returncode != 0 and seconds < 120
-    assert not (out / FILES[0]).exists() and len(read_log(out)) < STEPS  # it died mid-run
+    assert not (out / FILES[0]).exists() and len(read_log(out)) == 3  # it died after step 3
     errors = [line for line in text.splitlines() if line.startswith("error: rank 0")]
     print("rank 0 said:", errors)
     assert len(errors) == 1 and "another process stopped" in errors[0] and "--resume" in errors[0]
@@ -152,6 +172,43 @@ def test_a_killed_rank_ends_the_job_and_resume_is_bit_identical(ddp, tiny_sdxl, 
         assert torchrun(*args, "--resume", cwd=root, stderr=err).wait(timeout=300) == 0, \
             (root / "resumed.txt").read_text()
     for name in (*FILES, "lora_kohya.safetensors", f"checkpoint-{STEPS}/optimizer.safetensors"):
+        a, b = load_file(ddp / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert [(r["step"], r["loss"]) for r in read_log(out)] == [(r["step"], r["loss"]) for r in read_log(ddp)]
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_that_step_and_resume_is_bit_identical(ddp, tiny_sdxl, data):
+    """SIGTERM to rank 1 alone after step 5 (both ranks stopped there by the test hook), with --checkpoint-every 0:
+    the ranks agree to stop after step 5 (one all_reduce per step), rank 0 alone writes checkpoint-5 and says one
+    line, every rank exits 143; `torchrun ... --resume` then ends with the bits of the uninterrupted run."""
+    root, images = data
+    out, log = root / "sigterm", root / "sigterm.txt"
+    args = argv(images, tiny_sdxl[0], out, "--steps", str(STEPS), "--checkpoint-every", "0", *LR)
+    with open(log, "w") as err:
+        p = torchrun(*args, cwd=root, stderr=err, pause="step 5")
+        try:
+            ranks = paused_workers(p, log)
+            os.kill(ranks[1], signal.SIGTERM)
+            for pid in ranks.values():
+                os.kill(pid, signal.SIGCONT)
+            returncode = p.wait(timeout=300)
+        finally:
+            p.kill()
+            p.wait()
+    text = log.read_text()
+    assert returncode != 0
+    said = [line for line in text.splitlines() if "SIGTERM" in line and "--resume" in line]
+    assert said == [f"stopped by SIGTERM; the same command with --resume continues from {out / 'checkpoint-5'}"], text
+    # torchrun's report: each rank ended by the SIGTERM, 143 (the one that ends second may get torchrun's own SIGTERM
+    # in its last moments, after the stop: -15)
+    codes = dict(re.findall(r"rank      : (\d) \(local_rank: \d\)\n  exitcode  : (-?\d+)", text))
+    assert set(codes) == {"0", "1"} and set(codes.values()) <= {"143", "-15"}, codes
+    assert [d.name for d in out.glob("checkpoint-*")] == ["checkpoint-5"] and not list(out.rglob("*.tmp-*"))
+    assert [r["step"] for r in read_log(out)] == list(range(5)) and not (out / FILES[0]).exists()
+    with open(root / "sigterm-resumed.txt", "w") as err:
+        assert torchrun(*args, "--resume", cwd=root, stderr=err).wait(timeout=300) == 0, \
+            (root / "sigterm-resumed.txt").read_text()
+    for name in (*FILES, "lora_kohya.safetensors"):
         a, b = load_file(ddp / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert [(r["step"], r["loss"]) for r in read_log(out)] == [(r["step"], r["loss"]) for r in read_log(ddp)]

@@ -20,7 +20,7 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 import eval as ev
 from evaluation.dinov2 import Dinov2, load_dinov2
-from sample import save_png
+from sample import save_sample
 from evaluation.siglip import load_siglip
 from siglip_spm import write_siglip_tokenizer_folder
 from tiny_sdxl import randomize
@@ -125,8 +125,8 @@ def write_samples(folder, n_per=2):
                 scene = world.concept_scene("checker", rng)
                 meta = {"prompt": world.caption(scene), "base_prompt": world.base_caption(scene), "wcon": wcon,
                         "index": i, "method": method}
-                save_png(world.render_pil(scene), str(folder / f"{method}_wcon{wcon}_{i}.png"), meta)
-    save_png(Image.new("RGB", (64, 64)), str(folder / "grid.png"), {"prompt": "a grid", "wcon": "0,2", "n": 2})
+                save_sample(world.render_pil(scene), str(folder / f"{method}_wcon{wcon}_{i}.png"), meta)
+    save_sample(Image.new("RGB", (64, 64)), str(folder / "grid.png"), {"prompt": "a grid", "wcon": "0,2", "n": 2})
     scene = world.random_scene(rng)
     world.render_pil(scene).save(folder / "plain.png")
     (folder / "plain.txt").write_text(world.caption(scene) + "\n")

@@ -301,15 +301,13 @@ def test_changed_images_or_settings_are_refused_on_resume(tiny_sdxl, base, tmp_p
 
 def test_a_second_run_in_the_folder_is_refused_and_a_killed_ones_lock_is_not(tiny_sdxl, base, tmp_path):
     out = tmp_path / "out"
-    args = [str(a) for a in argv(base[0], tiny_sdxl[0], out, "--checkpoint-every", "2", "--steps", "100000")]
-    with open(tmp_path / "stderr.txt", "w") as err:
+    args = [str(a) for a in argv(base[0], tiny_sdxl[0], out, "--checkpoint-every", "2", "--steps", "6")]
+    with open(tmp_path / "stderr.txt", "w") as err:  # the test hook: it stops itself after step 3 (product/signals.py)
         p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.DEVNULL, stderr=err,
-                             cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1", "DCO_TEST_PAUSE": "step 3"})
         try:
-            deadline = time.monotonic() + 300
-            while not (out / "checkpoint-2").is_dir():
-                assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "stderr.txt").read_text()
-                time.sleep(0.01)
+            _, status = os.waitpid(p.pid, os.WUNTRACED)
+            assert os.WIFSTOPPED(status), (tmp_path / "stderr.txt").read_text()
             msg = error_of(train.main, args + ["--resume"])
             assert "another run is training" in msg and f"PID {p.pid}" in msg
             os.kill(p.pid, signal.SIGKILL)

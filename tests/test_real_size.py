@@ -167,7 +167,7 @@ def test_build_time_and_peak_memory(runs):
 def test_train_writes_real_size_files(runs):
     out = runs / "subject"
     meta = check_peft(out / "pytorch_lora_weights.safetensors", rank=32)
-    assert meta["base_model"] == "sdxl-random" and meta["token"] == "<x>" and meta["init_word"] == "x"
+    assert meta["base_model"] == "sdxl-random" and meta["token"] == '["<x>"]' and meta["init_word"] == '["x"]'
     kohya, _ = keys_and_meta(out / "lora_kohya.safetensors")
     names = {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in kohya}
     reference = kohya_reference_names()
@@ -202,7 +202,7 @@ def test_sample_consistency_guided(runs):
 def test_merge_and_analyze(runs):
     merged = runs / "merged"
     meta = check_peft(merged / "pytorch_lora_weights.safetensors", rank=32 + 4)  # ranks stacked, exact
-    assert meta["token"] == "<x>"
+    assert meta["token"] == '["<x>"]'
     embeds, _ = keys_and_meta(merged / "learned_embeds.safetensors")
     assert embeds == {"clip_l": (1, 768), "clip_g": (1, 1280)}
     kohya, _ = keys_and_meta(merged / "lora_kohya.safetensors")

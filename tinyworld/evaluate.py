@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from product import errors
 from sample import decode, generate_latents, make_grid
 
 from . import metrics, world
@@ -140,7 +141,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--output", default=os.path.join(DOCS, "tinyworld_base.md"))
-    args = p.parse_args(argv)
+    args = errors.parse_flags(p, argv, {"n": ">= 1", "steps": ">= 1", "cfg": ">= 0", "sweep_n": ">= 1", "seed": "seed",
+                                        "threads": ">= 1"})
     torch.set_num_threads(args.threads)
     t0 = time.time()
     sd = load(args.model)

@@ -47,7 +47,7 @@ import torch
 import merge as merging
 import train as trainer
 from sample import load_lora
-from product import plot
+from product import errors, plot
 from sdxl import load_sdxl, model_path
 
 from . import metrics, world
@@ -639,6 +639,13 @@ def floats(text):
     return [float(x) for x in text.split(",") if x]
 
 
+# The range of every numeric flag (errors.check_flags).
+NUMBERS = {"rel_betas": "> 0", "betas": "> 0", "merge_betas": "> 0", "wcons": ">= 0", "show_wcons": ">= 0",
+           "show_betas": "> 0", "steps": ">= 1", "lr": "> 0", "ti_lr": ">= 0", "rank": ">= 1",
+           "num_class_images": ">= 1", "n_eval": ">= 1", "sample_steps": ">= 1", "cfg": ">= 0", "threads": ">= 1",
+           "jobs": ">= 1", "ziplora_steps": ">= 0"}
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="DreamBooth vs DreamBooth+prior vs DCO in the tiny world (CPU).")
     p.add_argument("--model", default=MODEL_DIR, help="the tiny SDXL (python -m tinyworld.pretrain)")
@@ -675,7 +682,7 @@ def parse_args(argv=None):
                    "this also resumes a killed run (a LoRA a new merge needs is retrained if --work lost it)")
     p.add_argument("--ziplora-steps", type=int, default=100, help="ZipLoRA's optimisation steps (merge.py's default)")
     p.add_argument("--report", action="store_true", help="only remake plots and tables from the CSVs in --output")
-    args = p.parse_args(argv)
+    args = errors.parse_flags(p, argv, NUMBERS)
     args.concepts = [c for c in args.concepts.split(",") if c]
     for c in args.concepts:
         world.concept(c)

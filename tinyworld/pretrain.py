@@ -36,6 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dco import add_noise, alphas_cumprod, diffusion_loss, min_snr_weights
+from product import errors
 from product.files import save_tensors
 from text_encoder import CLIPTokenizer, encode_prompt
 
@@ -317,7 +318,11 @@ def parse_args(argv=None):
     p.add_argument("--ema", type=float, default=0.995)
     p.add_argument("--caption-dropout", type=float, default=0.1)
     p.add_argument("--checkpoint-every", type=int, default=100)
-    return p.parse_args(argv)
+    return errors.parse_flags(p, argv, {
+        "seed": "seed", "threads": ">= 1", "vae_steps": ">= 1", "vae_batch_size": ">= 1", "vae_lr": "> 0",
+        "vae_crop": ">= 8", "vae_full_steps": ">= 0", "kl_weight": ">= 0", "images": ">= 1", "steps": ">= 1",
+        "batch_size": ">= 1", "lr": "> 0", "warmup": ">= 0", "ema": "0 .. 1", "caption_dropout": "0 .. 1",
+        "checkpoint_every": ">= 1"})
 
 
 def main(argv=None):
