@@ -40,7 +40,7 @@ CONFIG_FILE, LOG_FILE = "train_config.json", "log.jsonl"
 # over processes and micro-batches does not, so a run may resume on another number of GPUs with the same global batch.
 FIXED_ON_RESUME = ("model", "loss", "rank", "alpha", "resolution", "global_batch_size", "seed", "tokens", "init_words",
                    "captions", "base_prompts", "offset_noise", "crop", "random_flip", "resample", "time_ids", "pool",
-                   "num_class_images", "class_prompt")
+                   "num_class_images", "class_prompt", "buckets")
 LOCK_FILE = ".lock"
 
 
@@ -86,6 +86,7 @@ def check_run_folder(out, config, resume, steps, master=True):
         raise ValueError(f"{config_path}: not a training run's settings; restore it, or start a new --output")
     check_same_images(out, old, config)
     old.setdefault("global_batch_size", old.get("batch_size"))  # a run from before torchrun: one process
+    old.setdefault("buckets", False)  # a run from before --buckets trained square crops: it keeps them
     if old["global_batch_size"] != config["global_batch_size"]:
         raise ValueError(f"--resume: the global batch (processes x --batch-size x --grad-accum) was "
                          f"{old['global_batch_size']} in {out}, now {config['global_batch_size']}; keep the product "

@@ -40,6 +40,8 @@ def parser():
     g.add_argument("--crop", choices=["center", "random"], default="center", help="where the RxR crop of the resized "
                    "image is taken (random: a new crop each step, as the official code)")
     g.add_argument("--random-flip", action="store_true", help="mirror each image with probability 1/2 per step")
+    g.add_argument("--buckets", action="store_true", help="aspect-ratio buckets (kohya's rule): each image trains "
+                   "at the size of area <= resolution^2 nearest its shape, not a square crop (product/buckets.py)")
     g.add_argument("--resample", choices=list(RESAMPLE), default="lanczos", help="resize filter (the official code: "
                    "bilinear)")
     g.add_argument("--time-ids", choices=["crop", "fixed"], default="crop", help="micro-conditioning: the real size "
@@ -150,7 +152,8 @@ def check_resolution(resolution, factor, what="this model (VAE and UNet downsamp
 
 def check_model_fits(sd, args, paths, captions, tokens):
     """Once the model is loaded: its downsampling divides the resolution, and CLIP's 75-token window holds every
-    learned token of every caption (a token past it trains nothing); longer prompts are read only in part."""
+    learned token of every caption (a token past it trains nothing); longer prompts are read only in part. -> the
+    downsampling factor (VAE x UNet: 32 for SDXL), which --buckets' sizes are multiples of."""
     factor = 2 ** (len(sd.vae.config["block_out_channels"]) - 1) * 2 ** (len(sd.unet.down_blocks) - 1)
     check_resolution(args.resolution, factor)
     for path, caption in zip(paths, captions):
@@ -160,6 +163,7 @@ def check_model_fits(sd, args, paths, captions, tokens):
         check_prompt_length((sd.tokenizer, sd.tokenizer_2), caption, f"{where}: the caption", tokens, strict=True)
     for prompt in args.sample_prompt or []:
         check_prompt_length((sd.tokenizer,), prompt, f"--sample-prompt {prompt[:40]!r}...", tokens)
+    return factor
 
 
 def run_config(args, device, world_size, precision, name, paths, captions, base_prompts, tokens, init_words):
