@@ -394,8 +394,8 @@ def train(args, loss_fn=None):
     factor = train_cli.check_model_fits(sd, args, paths, captions, tokens)  # the model's downsampling, e.g. 32
     sizes, class_sizes = buckets.training_sizes(originals, args.resolution, factor, args.buckets,
                                                 args.num_class_images if class_dir else 0)  # R x R, or --buckets
-    run.start(train_cli.run_config(args, device, world_size, mp, name, paths, captions, base_prompts, tokens, inits),
-              args.resume, args.steps, train_cli.lora_file_metadata(args, tokens, inits))
+    run.start(train_cli.run_config(args, device, world_size, mp, name, paths, captions, base_prompts, tokens, inits,
+                                   sizes), args.resume, args.steps, train_cli.lora_file_metadata(args, tokens, inits))
     class_prompt = (args.class_prompt or f"a photo of a {inits[0] if inits else name}") if class_dir else None
     class_paths = dreambooth.class_images(sd, class_prompt, class_dir, class_sizes, args.model, args.resolution,
                                           args.seed, args.sample_steps or 25, run.master) if class_dir else []
@@ -418,7 +418,7 @@ def train(args, loss_fn=None):
     # --- the loop
     run.say(f"{len(paths)} images ({buckets.describe(sizes)}), tokens {tokens}, {sum(p.numel() for p in params):,} "
             f"trainable parameters, loss {args.loss}, {mp} on {device} x {world_size} -> {run.out}/")
-    prompts = args.sample_prompt or [captions[0]] + [f"a {t} playing saxophone in sticker style" for t in tokens[:1]]
+    prompts = train_cli.sample_prompts(args.sample_prompt, captions, tokens)
     for step in run.steps(start, args.steps):  # a progress bar, and the time of each step
         for group in opt.param_groups:  # --lr-warmup, --lr-schedule
             group["lr"] = group["base_lr"] * lr_factor(step, args.lr_warmup, args.lr_schedule, args.steps)
@@ -430,7 +430,7 @@ def train(args, loss_fn=None):
         if run.checkpoint_due(step + 1, args.steps):  # rank 0: the LoRA, token rows and AdamW; sample images
             run.checkpoint(step + 1, sd.unet, new_tokens, opt, scaler, params, samples=args.sample_steps and (
                 lambda: generate_while_training(sd, prompts, args.resolution, args.sample_steps, args.seed)))
-    run.finish(sd.unet, new_tokens, bundle=args.bundle_token, device=device)
+    run.finish(sd.unet, new_tokens, bundle=args.bundle_token, device=device, sample_prompts=prompts)
     return {"sd": sd, "out": run.out, "new_tokens": new_tokens, "data": data}
 
 

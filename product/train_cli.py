@@ -166,13 +166,20 @@ def check_model_fits(sd, args, paths, captions, tokens):
     return factor
 
 
-def run_config(args, device, world_size, precision, name, paths, captions, base_prompts, tokens, init_words):
-    """train_config.json: every flag, and what train() found (the images and their digests, the captions, phi's base
-    prompts, the tokens). --resume compares them with the run it continues (run_folder.FIXED_ON_RESUME)."""
+def run_config(args, device, world_size, precision, name, paths, captions, base_prompts, tokens, init_words, sizes):
+    """train_config.json: every flag, and what train() found (the images and their digests, the size (h, w) each
+    trains at, the captions, phi's base prompts, the tokens). --resume compares them with the run it continues
+    (run_folder.FIXED_ON_RESUME)."""
     return {**vars(args), "name": name, "device": str(device), "precision": precision,
             "alpha": args.alpha or float(args.rank), "tokens": tokens, "init_words": init_words, "images": paths,
+            "train_sizes": [list(s) for s in sizes],
             "image_sha256": [sha256(p) for p in paths], "captions": captions, "base_prompts": base_prompts,
             "world_size": world_size, "global_batch_size": world_size * args.batch_size * args.grad_accum}
+
+
+def sample_prompts(given, captions, tokens):
+    """The prompts of the sample images: --sample-prompt, else the first caption and the token playing saxophone."""
+    return given or [captions[0]] + [f"a {t} playing saxophone in sticker style" for t in tokens[:1]]
 
 
 def lora_file_metadata(args, tokens, init_words):
