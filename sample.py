@@ -325,14 +325,14 @@ def generate(sd, prompts, **options):
     return to_pil(decode(sd, generate_latents(sd, prompts, **options)))
 
 
-def generate_while_training(sd, prompts, resolution, steps, seed):
-    """Images from the model as it is now (Euler, CFG 5), for train.py's checkpoint samples and db-prior's class
-    images. For decoding the VAE comes back to the device and the UNet steps aside: a 1024^2 decode takes GBs
-    (no-ops on a CPU)."""
+def generate_while_training(sd, prompts, resolution, steps, seed, size=None):
+    """Images from the model as it is now (Euler, CFG 5), R x R or size (h, w), for train.py's checkpoint samples
+    and db-prior's class images. For decoding the VAE comes back to the device and the UNet steps aside: a 1024^2
+    decode takes GBs (no-ops on a CPU)."""
     device, vae_device = next(sd.unet.parameters()).device, next(sd.vae.parameters()).device
     with torch.no_grad():
-        latents = generate_latents(sd, prompts, height=resolution, width=resolution, steps=steps, seed=seed,
-                                   progress=False)
+        height, width = size or (resolution, resolution)
+        latents = generate_latents(sd, prompts, height=height, width=width, steps=steps, seed=seed, progress=False)
         sd.unet.to("cpu"), sd.vae.to(device)
         images = to_pil(decode(sd, latents))
     sd.vae.to(vae_device), sd.unet.to(device)

@@ -30,9 +30,9 @@ from baselines import dreambooth
 from dco import (add_noise, alphas_cumprod, check_scheduler_config, dco_loss, diffusion_loss, min_snr_weights,
                  prior_preservation_loss, relative_dco_loss, sample_noise, sample_timesteps, training_target)
 from lora import UNET_ATTN, inject_lora, lora_modules, lora_parameters, lora_scale
-from product import distributed, run_folder, train_cli
+from product import buckets, distributed, run_folder, train_cli
 from product.files import read_official_config
-from product.images import CropCache, encode_images, list_images, load_image
+from product.images import CropCache, image_size, list_images
 from sample import generate_while_training
 from sdxl import load_sdxl
 from text_encoder import init_token
@@ -148,13 +148,13 @@ def add_lora(unet, rank, alpha=None, seed=0, gradient_checkpointing=False, compi
 
 @dataclass
 class TrainData:
-    """What the steps draw from: the cached latent Gaussians and micro-conditioning of the n images (+ class
-    images), theta's captions, phi's encoded base prompts, for db-prior the encoded class prompt (class_cond), the
-    new tokens (theta's captions are encoded again each step when there are any), and the noise schedule."""
+    """What the steps draw from: the latent cache of the n images (+ class images: crops), theta's captions, phi's
+    encoded base prompts, for db-prior the encoded class prompt (class_cond) and the class images each image may be
+    paired with (class_pools: those of its size), the new tokens (theta's captions are encoded again each step when
+    there are any), the noise schedule, and with --buckets the images of each bucket."""
     n: int
-    means: torch.Tensor
-    logvars: torch.Tensor
-    time_ids: torch.Tensor
+    crops: CropCache
+    class_pools: list
     captions: list
     base_ctx: torch.Tensor
     base_pooled: torch.Tensor
@@ -162,7 +162,7 @@ class TrainData:
     new_tokens: list
     alphas_cumprod: torch.Tensor
     device: torch.device
-    crops: CropCache | None = None
+    buckets: list | None = None
 
 
 def encode_prompts(sd, prompts, amp):
@@ -174,19 +174,18 @@ def encode_prompts(sd, prompts, amp):
     return torch.cat([c for c, _ in cond]), torch.cat([p for _, p in cond])
 
 
-def make_caches(sd, images, captions, base_prompts, new_tokens, amp, device, crops=None, class_prompt=None,
-                batch_size=1, sample_prompts=()):
-    """-> TrainData. `images`: [(uint8 image, time_ids)] (+ db-prior's class images after the n = len(captions)
-    instance images); crops: a CropCache for --crop random / --random-flip (then the VAE stays where it is). Under
-    torchrun every process builds the same caches itself: small next to the model every GPU holds anyway.
-    Without new tokens every prompt of the run is fixed (these, and the checkpoints' sample_prompts): they are
-    encoded now and the text encoders are dropped (1.5 GiB in bf16). With new tokens they stay, for theta's."""
-    device_of_unet = next(sd.unet.parameters()).device
-    sd.unet.to("cpu")  # off the GPU while the VAE encodes at full resolution (GBs of activations); no-op on a CPU
-    means, logvars = encode_images(sd.vae, [x for x, _ in images])
-    sd.unet.to(device_of_unet)
-    if crops is None:
-        sd.vae.to("cpu")  # not needed again until sampling
+def make_caches(sd, crops, captions, base_prompts, new_tokens, amp, device, class_prompt=None, batch_size=1,
+                bucketed=False, sample_prompts=()):
+    """-> TrainData. crops: the CropCache of the n = len(captions) images (+ db-prior's class images after them);
+    with no random crop or flip every image is encoded now and the VAE leaves the GPU. Under torchrun every process
+    builds the same caches itself: small next to the model every GPU holds anyway. Without new tokens every prompt
+    of the run is fixed (these, and the checkpoints' sample_prompts): they are encoded now and the text encoders
+    are dropped (1.5 GiB in bf16). With new tokens they stay, for theta's."""
+    device_of_unet, n, sizes = next(sd.unet.parameters()).device, len(captions), crops.sizes
+    if not crops.random:
+        sd.unet.to("cpu")  # off the GPU while the VAE encodes at full resolution (GBs of activations); no-op on a CPU
+        crops.encode_all()
+        sd.vae.to("cpu"), sd.unet.to(device_of_unet)  # the VAE is not needed again until sampling
     base_ctx, base_pooled = encode_prompts(sd, base_prompts or captions, amp)
     class_cond = None
     if class_prompt:  # one batch of B copies: the class half of every db-prior batch
@@ -194,10 +193,11 @@ def make_caches(sd, images, captions, base_prompts, new_tokens, amp, device, cro
             class_cond = sd.encode_prompt([class_prompt] * batch_size)
     if not new_tokens:
         sd.release_text_encoders(list(sample_prompts) + ([""] if not sd.force_zeros_for_empty_prompt else []), amp)
-    return TrainData(n=len(captions), means=means, logvars=logvars, captions=captions, base_ctx=base_ctx,
+    pools = [torch.tensor([j for j in range(n, len(sizes)) if sizes[j] == sizes[i]]) for i in range(n)]
+    return TrainData(n=n, crops=crops, class_pools=pools, captions=captions, base_ctx=base_ctx,
                      base_pooled=base_pooled, class_cond=class_cond, new_tokens=new_tokens,
-                     alphas_cumprod=alphas_cumprod(sd.scheduler), device=device, crops=crops,
-                     time_ids=torch.stack([t for _, t in images]).float().to(device))
+                     alphas_cumprod=alphas_cumprod(sd.scheduler), device=device,
+                     buckets=buckets.groups(sizes[:n]) if bucketed else None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,8 +209,12 @@ def rng(*key):
     return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little"))
 
 
-def batch_indices(step, batch_size, n, seed):
-    """The images of a step: consecutive slices of a fresh random permutation per epoch (a shuffling loader)."""
+def batch_indices(step, batch_size, n, seed, groups=None):
+    """The images of a step: consecutive slices of a fresh random permutation per epoch (a shuffling loader).
+    --buckets (groups: the images of each bucket): all from one bucket, its next slice of its own permutations."""
+    if groups:  # which bucket, and how many batches it gave before this step: product/buckets.py
+        b, j = buckets.step_bucket(step, batch_size, [len(m) for m in groups], functools.partial(rng, seed))
+        return torch.tensor(groups[b])[batch_indices(j, batch_size, len(groups[b]), (seed, "bucket", b))]
     ks = range(step * batch_size, (step + 1) * batch_size)
     return torch.stack([torch.randperm(n, generator=rng(seed, "epoch", k // n))[k % n] for k in ks])
 
@@ -243,13 +247,12 @@ def get_batch(step, data, sd, amp, *, seed=0, batch_size=1, grad_accum=1, offset
     B, K = batch_size, grad_accum
     G = world_size * B * K
     g = rng(seed, "step", step)
-    idx = batch_indices(step, G, data.n, seed)
-    if data.class_cond is not None:  # db-prior: + G class images in the same forward, [instance; class]
-        idx = torch.cat([idx, data.n + torch.randint(len(data.means) - data.n, (G,), generator=g)])
-    if data.crops is not None:  # this step's random crops / flips, each VAE-encoded once (CropCache)
-        means, logvars, time_ids = data.crops.get(idx, rng(seed, "crop", step))
-    else:
-        means, logvars, time_ids = data.means[idx], data.logvars[idx], data.time_ids[idx]
+    idx = batch_indices(step, G, data.n, seed, data.buckets)
+    if data.class_cond is not None:  # db-prior: + G class images (of the batch's size) in the same forward
+        pool = data.class_pools[idx[0]]
+        idx = torch.cat([idx, pool[torch.randint(len(pool), (G,), generator=g)]])
+    # the latents of this step's crops and flips (random or not), each VAE-encoded once (CropCache)
+    means, logvars, time_ids = data.crops.get(idx, rng(seed, "crop", step))
     x0 = latent_dist_sample(means, logvars, g) * sd.vae.scaling_factor
     eps = sample_noise(x0, offset_noise, g)
     t = sample_timesteps(len(idx), len(data.alphas_cumprod), generator=g)
@@ -380,9 +383,7 @@ def train(args, loss_fn=None):
     # --- data: images, captions, and phi's base prompts ("<dog>" -> "dog")
     name, paths, captions, base_prompts, tokens, inits = read_data(args.images, args.config, args.config_name,
                                                                    args.token, args.init_word)
-    load = functools.partial(load_image, resolution=args.resolution, resample=args.resample,
-                             fixed_time_ids=args.time_ids == "fixed")
-    images = [load(p) for p in paths]  # every image is read now: bad files fail early
+    originals = [image_size(p) for p in paths]  # every image is read now: bad files fail early
     rank, world_size, device = distributed.init(args.device)  # under torchrun: this process's rank and GPU
     class_dir = args.class_dir if args.loss == "db-prior" else None
     run = run_folder.Run(args.output, rank == 0, args.checkpoint_every, class_dir, not args.no_report)  # checks output
@@ -393,21 +394,22 @@ def train(args, loss_fn=None):
     captions, base_prompts, tokens, inits = prepare_captions(name, captions, base_prompts, tokens, inits, sd.tokenizer,
                                                              any_word=sd.source == "sdxl-random")
     class_prompt = (args.class_prompt or f"a photo of a {inits[0] if inits else name}") if class_dir else None
-    train_cli.check_model_fits(sd, args, paths, captions, tokens, class_prompt)  # the last checks: then files
-    run.start(train_cli.run_config(args, device, world_size, mp, name, paths, captions, base_prompts, tokens, inits),
-              args.resume, args.steps, train_cli.lora_file_metadata(args, tokens, inits))
-    class_paths = dreambooth.class_images(sd, class_prompt, class_dir, args.num_class_images, args.model, args.resolution,
+    factor = train_cli.check_model_fits(sd, args, paths, captions, tokens, class_prompt)  # the last checks: then files
+    sizes, class_sizes = buckets.training_sizes(originals, args.resolution, factor, args.buckets,
+                                                args.num_class_images if class_dir else 0)  # R x R, or --buckets
+    run.start(train_cli.run_config(args, device, world_size, mp, name, paths, captions, base_prompts, tokens, inits,
+                                   sizes), args.resume, args.steps, train_cli.lora_file_metadata(args, tokens, inits))
+    class_paths = dreambooth.class_images(sd, class_prompt, class_dir, class_sizes, args.model, args.resolution,
                                           args.seed, args.sample_steps or 25, run.master) if class_dir else []
-    images += [load(p) for p in class_paths]  # db-prior: made by the base model, before any LoRA exists
     # --- theta's trainable part: LoRA on the UNet's attention (phi = the same UNet at scale 0), the token rows
     add_lora(sd.unet, args.rank, args.alpha, args.seed, args.gradient_checkpointing, args.compile)
     new_tokens = add_new_tokens(sd, tokens, inits)
     # --- caches: each image through the VAE once, the fixed prompts through the text encoders once
     crops = CropCache(sd.vae, paths + class_paths, args.resolution, args.resample, args.crop == "random",
-                      args.random_flip, args.time_ids == "fixed") if args.crop == "random" or args.random_flip else None
-    prompts = args.sample_prompt or [captions[0]] + [f"a {t} playing saxophone in sticker style" for t in tokens[:1]]
-    data = make_caches(sd, images, captions, base_prompts, new_tokens, amp, device, crops, class_prompt, args.batch_size,
-                       sample_prompts=prompts if args.sample_steps else [])
+                      args.random_flip, args.time_ids == "fixed", sizes + class_sizes)
+    prompts = train_cli.sample_prompts(args.sample_prompt, captions, tokens)
+    data = make_caches(sd, crops, captions, base_prompts, new_tokens, amp, device, class_prompt, args.batch_size,
+                       args.buckets, prompts if args.sample_steps else [])
     draw = functools.partial(get_batch, data=data, sd=sd, amp=amp, seed=args.seed, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, offset_noise=args.offset_noise, snr_gamma=args.snr_gamma,
                              with_phi=args.loss == "dco", rank=rank, world_size=world_size)
@@ -417,8 +419,8 @@ def train(args, loss_fn=None):
     start = run.restore(sd.unet, new_tokens, opt, scaler, args.steps)  # --resume: the last checkpoint's step
     distributed.broadcast_parameters(params)  # under torchrun: every process starts from rank 0's weights
     # --- the loop
-    run.say(f"{len(paths)} images, new tokens {tokens}, {sum(p.numel() for p in params):,} trainable parameters, "
-            f"loss {args.loss}, {mp} on {device} x {world_size} -> {run.out}/")
+    run.say(f"{len(paths)} images ({buckets.describe(sizes)}), tokens {tokens}, {sum(p.numel() for p in params):,} "
+            f"trainable parameters, loss {args.loss}, {mp} on {device} x {world_size} -> {run.out}/")
     for step in run.steps(start, args.steps):  # a progress bar, and the time of each step
         for group in opt.param_groups:  # --lr-warmup, --lr-schedule
             group["lr"] = group["base_lr"] * lr_factor(step, args.lr_warmup, args.lr_schedule, args.steps)
@@ -430,8 +432,8 @@ def train(args, loss_fn=None):
         if run.checkpoint_due(step + 1, args.steps):  # rank 0: the LoRA, token rows and AdamW; sample images
             run.checkpoint(step + 1, sd.unet, new_tokens, opt, scaler, params, samples=args.sample_steps and (
                 lambda: generate_while_training(sd, prompts, args.resolution, args.sample_steps, args.seed)))
-    run.finish(sd.unet, new_tokens, bundle=args.bundle_token, device=device)
-    return {"sd": sd, "out": run.out, "new_tokens": new_tokens}
+    run.finish(sd.unet, new_tokens, bundle=args.bundle_token, device=device, sample_prompts=prompts)
+    return {"sd": sd, "out": run.out, "new_tokens": new_tokens, "data": data}
 
 
 def main(argv=None):

@@ -52,26 +52,39 @@ def caption_text(text):
     return " ".join(text.split())
 
 
-def load_resized(path, resolution, resample="lanczos"):
-    """-> (uint8 [3,h,w] with the shorter side resized to R, (original h, w))."""
+def read_image(path):
+    """An image file as an RGB PIL image, upright (EXIF orientation applied); a bad file is a ValueError naming it."""
     try:
-        img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
+        return ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read this image ({e}); fix or remove it")
+
+
+def image_size(path):
+    """(h, w) of an image as it trains (upright), read whole so that a truncated file fails now."""
+    w, h = read_image(path).size
+    return h, w
+
+
+def load_resized(path, size, resample="lanczos"):
+    """-> (uint8 [3,h,w] resized to cover `size` (h, w), or R x R for an int R: the shorter side to R; (original h,
+    w)). Covering: the scale that makes both sides at least the target's, so a crop of the target size fits."""
+    th, tw = (size, size) if isinstance(size, int) else size
+    img = read_image(path)
     w, h = img.size
-    s = resolution / min(w, h)
-    nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
+    s = max(th / h, tw / w)
+    nw, nh = max(tw, round(w * s)), max(th, round(h * s))
     img = img.resize((nw, nh), RESAMPLE[resample])
     return torch.from_numpy(np.array(img)).permute(2, 0, 1), (h, w)
 
 
-def crop(image, size, resolution, top, left, fixed_time_ids=False):
-    """-> (uint8 [3,R,R] crop at (top, left), time_ids [6]). time_ids is SDXL's micro-conditioning (original h, w
-    before resizing, crop top, left, target h, w): the model is told the crop. The official code always tells it
-    (R, R, 0, 0, R, R) instead (customize.py:700-705): fixed_time_ids=True."""
-    R = resolution
-    ids = [R, R, 0, 0, R, R] if fixed_time_ids else [*size, top, left, R, R]
-    return image[:, top:top + R, left:left + R], torch.tensor(ids)
+def crop(image, size, target, top, left, fixed_time_ids=False):
+    """-> (uint8 [3,th,tw] crop at (top, left), time_ids [6]); target: (th, tw), or R for R x R. time_ids is SDXL's
+    micro-conditioning (original h, w before resizing, crop top, left, target h, w): the model is told the crop. The
+    official code always tells it (R, R, 0, 0, R, R) instead (customize.py:700-705): fixed_time_ids=True."""
+    th, tw = (target, target) if isinstance(target, int) else target
+    ids = [th, tw, 0, 0, th, tw] if fixed_time_ids else [*size, top, left, th, tw]
+    return image[:, top:top + th, left:left + tw], torch.tensor(ids)
 
 
 def load_image(path, resolution, resample="lanczos", fixed_time_ids=False):
@@ -92,21 +105,27 @@ def encode_images(vae, images):
 
 
 class CropCache:
-    """--crop random / --random-flip: every (image, crop, flip) that a step draws goes through the VAE once, the first
-    time it is drawn, and its latent Gaussian is kept. Exact -- each crop is encoded as itself, not cut out of a
-    bigger latent -- and as cheap as the fixed-crop cache once the crops have been seen."""
+    """Every (image, crop, flip) that a step draws goes through the VAE once, the first time it is drawn, and its
+    latent Gaussian is kept. Exact -- each crop is encoded as itself, not cut out of a bigger latent -- and as cheap
+    as encoding each image once when nothing is random (then encode_all() encodes them up front).
 
-    def __init__(self, vae, paths, resolution, resample, random_crop, flip, fixed_time_ids):
-        self.vae, self.R, self.random_crop, self.flip, self.fixed = vae, resolution, random_crop, flip, fixed_time_ids
-        self.images = [load_resized(p, resolution, resample) for p in paths]
+    sizes: the (h, w) each image trains at (--buckets: its bucket, product/buckets.py); default R x R. Each image is
+    resized to cover its size and cropped to it: in the centre, or with random_crop anywhere (--crop random), and with
+    flip mirrored with probability 1/2 (--random-flip)."""
+
+    def __init__(self, vae, paths, resolution, resample, random_crop, flip, fixed_time_ids, sizes=None):
+        self.vae, self.random_crop, self.flip, self.fixed = vae, random_crop, flip, fixed_time_ids
+        self.sizes = list(sizes or [(resolution, resolution)] * len(paths))
+        self.images = [load_resized(p, size, resample) for p, size in zip(paths, self.sizes)]
         self.cache = {}
 
-    def get(self, idx, generator):
-        """(means, logvars, time_ids) of the images idx, each with a crop and flip drawn from `generator`."""
+    def get(self, idx, generator=None):
+        """(means, logvars, time_ids) of the images idx (all of one size), each with a crop and flip drawn from
+        `generator` (unused when neither is random)."""
         out = []
         for i in idx.tolist():
-            image, size = self.images[i]
-            h, w = image.shape[1] - self.R, image.shape[2] - self.R
+            (image, size), (th, tw) = self.images[i], self.sizes[i]
+            h, w = image.shape[1] - th, image.shape[2] - tw
             if self.random_crop:
                 top, left = (int(torch.randint(d + 1, (1,), generator=generator)) for d in (h, w))
             else:
@@ -114,9 +133,18 @@ class CropCache:
             flip = self.flip and bool(torch.rand(1, generator=generator) < 0.5)
             key = (i, top, left, flip)
             if key not in self.cache:  # flip first, then crop in the flipped image, as diffusers' SDXL scripts
-                x, time_ids = crop(image.flip(-1) if flip else image, size, self.R, top, left, self.fixed)
+                x, time_ids = crop(image.flip(-1) if flip else image, size, (th, tw), top, left, self.fixed)
                 mean, logvar = encode_images(self.vae, [x])
                 self.cache[key] = mean, logvar, time_ids.float()
             out.append(self.cache[key])
         return (torch.cat([m for m, _, _ in out]), torch.cat([v for _, v, _ in out]),
                 torch.stack([t for _, _, t in out]))
+
+    @property
+    def random(self):
+        return self.random_crop or self.flip
+
+    def encode_all(self):
+        """Each image's one crop through the VAE now (nothing is random): the VAE is not needed again."""
+        for i in range(len(self.images)):
+            self.get(torch.tensor([i]))

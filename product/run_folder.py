@@ -6,7 +6,8 @@ output/<name>/:
     log.jsonl                          one line per step
     checkpoint-<step>/                 LoRA + token rows + AdamW state + step (what --resume continues from)
     pytorch_lora_weights.safetensors   the final LoRA (diffusers / PEFT names)
-    lora_kohya.safetensors             the same LoRA (kohya names: ComfyUI, A1111)
+    lora_kohya.safetensors             the same LoRA (kohya names: ComfyUI, A1111), with kohya's ss_* and ModelSpec keys
+    README.md                          the model card (the Hub reads its front matter; product/model_card.py)
     learned_embeds.safetensors         the new token rows as the official code writes them: {"clip_l", "clip_g"}
                                        (kyungmnlee/dco@164ae17 customize.py:205-212)
     samples/                           images at each checkpoint
@@ -33,6 +34,7 @@ from product.distributed import agree, average, barrier, gather
 from product.files import (EMBEDS_FILE, FINAL_INCOMPLETE, PEFT_FILE, atomic, check_writable, load_tensors, read_json,
                            read_metadata_list, read_text, remove_temporaries, save_image, save_tensors,
                            write_json)
+from product.model_card import base_license, kohya_metadata, model_card
 from product.report import BetaCheck, write_report
 from product.signals import Signalled, pause_for_test, stop
 
@@ -42,7 +44,7 @@ CONFIG_FILE, LOG_FILE = "train_config.json", "log.jsonl"
 # over processes and micro-batches does not, so a run may resume on another number of GPUs with the same global batch.
 FIXED_ON_RESUME = ("model", "loss", "rank", "alpha", "resolution", "global_batch_size", "seed", "tokens", "init_words",
                    "captions", "base_prompts", "offset_noise", "crop", "random_flip", "resample", "time_ids", "pool",
-                   "num_class_images", "class_prompt")
+                   "num_class_images", "class_prompt", "buckets", "train_sizes")
 LOCK_FILE = ".lock"
 
 
@@ -88,6 +90,7 @@ def check_run_folder(out, config, resume, steps, master=True):
         raise ValueError(f"{config_path}: not a training run's settings; restore it, or start a new --output")
     check_same_images(out, old, config)
     old.setdefault("global_batch_size", old.get("batch_size"))  # a run from before torchrun: one process
+    old.setdefault("buckets", False)  # a run from before --buckets trained square crops: it keeps them
     if old["global_batch_size"] != config["global_batch_size"]:
         raise ValueError(f"--resume: the global batch (processes x --batch-size x --grad-accum) was "
                          f"{old['global_batch_size']} in {out}, now {config['global_batch_size']}; keep the product "
@@ -203,8 +206,9 @@ def save_lora(folder, unet, new_tokens, meta):
         save_tensors(os.path.join(folder, EMBEDS_FILE), rows, meta)
 
 
-def save_final(out, unet, new_tokens, meta, bundle=False):
-    """The run's deliverables: the LoRA in both formats and the token rows, as one set.
+def save_final(out, unet, new_tokens, meta, bundle=False, kohya_meta=None, card=None):
+    """The run's deliverables: the LoRA in both formats, the token rows and the model card README.md, as one set.
+    kohya_meta: the ss_* / modelspec.* keys the kohya file carries besides `meta` (model_card.kohya_metadata).
 
     They stay directly in out/ (where diffusers' load_lora_weights(out) and sample.py look), so the set cannot be
     switched by one rename. Instead: (1) all files are written into out/.final (atomic: whole or absent), which
@@ -219,7 +223,10 @@ def save_final(out, unet, new_tokens, meta, bundle=False):
         tokens = read_metadata_list(meta, "token") if bundle and new_tokens else []
         bundled = {t: {"clip_l": new_tokens[0].rows[i:i + 1], "clip_g": new_tokens[1].rows[i:i + 1]}
                    for i, t in enumerate(tokens)}
-        save_lora_kohya(tmp, {"unet": unet}, unet.config, meta, embeddings=bundled)
+        save_lora_kohya(tmp, {"unet": unet}, unet.config, {**meta, **(kohya_meta or {})}, embeddings=bundled)
+        if card is not None:
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(card)
     marker = os.path.join(out, FINAL_INCOMPLETE)
     open(marker, "w").close()
     for name in sorted(os.listdir(staging)):
@@ -412,11 +419,14 @@ class Run:
         if self.report:  # report.png and samples/progress.png, redrawn from log.jsonl
             write_report(self.out)
 
-    def finish(self, unet, new_tokens, bundle=False, device=None):
-        """Rank 0: the final set (save_final), the lock released, the speed and peak memory printed. A signal that
-        came after the last step's check does not stop this: the final files are what the run was for."""
+    def finish(self, unet, new_tokens, bundle=False, device=None, sample_prompts=()):
+        """Rank 0: the final set (save_final) with the model card and the kohya file's ss_* / modelspec.* keys, the
+        lock released, the speed and peak memory printed. sample_prompts: those of the samples/ images. A signal
+        that came after the last step's check does not stop this: the final files are what the run was for."""
         if self.master:
-            save_final(self.out, unet, new_tokens, self.metadata, bundle=bundle)
+            card = model_card(self.config, self.out, sample_prompts, base_license(self.config["model"]))
+            save_final(self.out, unet, new_tokens, self.metadata, bundle=bundle,
+                       kohya_meta=kohya_metadata(self.config), card=card)
             if self.report:
                 write_report(self.out)
             self.lock.release()

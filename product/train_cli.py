@@ -53,6 +53,8 @@ def parser():
     g.add_argument("--crop", choices=["center", "random"], default="center", help="where the RxR crop of the resized "
                    "image is taken (random: a new crop each step, as the official code)")
     g.add_argument("--random-flip", action="store_true", help="mirror each image with probability 1/2 per step")
+    g.add_argument("--buckets", action="store_true", help="aspect-ratio buckets (kohya's rule): each image trains "
+                   "at the size of area <= resolution^2 nearest its shape, not a square crop (product/buckets.py)")
     g.add_argument("--resample", choices=list(RESAMPLE), default="lanczos", help="resize filter (the official code: "
                    "bilinear)")
     g.add_argument("--time-ids", choices=["crop", "fixed"], default="crop", help="micro-conditioning: the real size "
@@ -179,7 +181,8 @@ def check_model_fits(sd, args, paths, captions, tokens, class_prompt=None):
     """Once the model is loaded, before anything is written: its downsampling divides the resolution, the sampler's
     steps fit its schedule, a learned token is a new string (not a word CLIP already has), CLIP's 75-token window
     holds every learned token of every caption (a token past it trains nothing; longer prompts are read only in
-    part), and db-prior's --class-dir holds no class images of other settings."""
+    part), and db-prior's --class-dir holds no class images of other settings. -> the downsampling factor (VAE x
+    UNet: 32 for SDXL), which --buckets' sizes are multiples of."""
     factor = 2 ** (len(sd.vae.config["block_out_channels"]) - 1) * 2 ** (len(sd.unet.down_blocks) - 1)
     check_resolution(args.resolution, factor)
     timesteps = sd.scheduler.get("num_train_timesteps", 1000)
@@ -199,15 +202,23 @@ def check_model_fits(sd, args, paths, captions, tokens, class_prompt=None):
         check_prompt_length((sd.tokenizer, sd.tokenizer_2), caption, f"{where}: the caption", tokens, strict=True)
     for prompt in args.sample_prompt or []:
         check_prompt_length((sd.tokenizer,), prompt, f"--sample-prompt {prompt[:40]!r}...", tokens)
+    return factor
 
 
-def run_config(args, device, world_size, precision, name, paths, captions, base_prompts, tokens, init_words):
-    """train_config.json: every flag, and what train() found (the images and their digests, the captions, phi's base
-    prompts, the tokens). --resume compares them with the run it continues (run_folder.FIXED_ON_RESUME)."""
+def run_config(args, device, world_size, precision, name, paths, captions, base_prompts, tokens, init_words, sizes):
+    """train_config.json: every flag, and what train() found (the images and their digests, the size (h, w) each
+    trains at, the captions, phi's base prompts, the tokens). --resume compares them with the run it continues
+    (run_folder.FIXED_ON_RESUME)."""
     return {**vars(args), "name": name, "device": str(device), "precision": precision,
             "alpha": args.alpha or float(args.rank), "tokens": tokens, "init_words": init_words, "images": paths,
+            "train_sizes": [list(s) for s in sizes],
             "image_sha256": [sha256(p) for p in paths], "captions": captions, "base_prompts": base_prompts,
             "world_size": world_size, "global_batch_size": world_size * args.batch_size * args.grad_accum}
+
+
+def sample_prompts(given, captions, tokens):
+    """The prompts of the sample images: --sample-prompt, else the first caption and the token playing saxophone."""
+    return given or [captions[0]] + [f"a {t} playing saxophone in sticker style" for t in tokens[:1]]
 
 
 def lora_file_metadata(args, tokens, init_words):

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from product import buckets
 from test_train import argv, make_images, read_log, run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,6 +213,29 @@ def test_sigterm_to_one_rank_stops_every_rank_after_that_step_and_resume_is_bit_
         a, b = load_file(ddp / name), load_file(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert [(r["step"], r["loss"]) for r in read_log(out)] == [(r["step"], r["loss"]) for r in read_log(ddp)]
+
+
+def test_two_processes_with_buckets_train_as_one_process_with_the_global_batch(tiny_sdxl, tmp_path):
+    """--buckets: each step's global batch is of one bucket, and 2 processes x B=1 split it as one process x B=2 and
+    x B=1 --grad-accum 2 do: the same timesteps, and the LoRA and token rows within the bounds of the test above."""
+    from test_buckets import FILES as SIZES  # portrait, landscape and square images
+    images, steps = make_images(tmp_path / "dog", sizes=SIZES), 6
+    args = ("--steps", str(steps), "--checkpoint-every", "0", "--buckets", "--random-flip", *LR)
+    with open(tmp_path / "ddp.txt", "w") as err:
+        p = torchrun(*argv(images, tiny_sdxl[0], tmp_path / "ddp", *args), cwd=tmp_path, stderr=err)
+        assert p.wait(timeout=300) == 0, (tmp_path / "ddp.txt").read_text()
+    run(*argv(images, tiny_sdxl[0], tmp_path / "batch", *args, "--batch-size", "2"))
+    run(*argv(images, tiny_sdxl[0], tmp_path / "accum", *args, "--grad-accum", "2"))
+    logs = {name: read_log(tmp_path / name) for name in ("ddp", "batch", "accum")}
+    assert all([r["t"] for r in log] == [r["t"] for r in logs["ddp"]] for log in logs.values())
+    diffs = {(name, f): max_diff(tmp_path / "ddp" / f, tmp_path / name / f) for name in ("batch", "accum") for f in FILES}
+    print("--buckets, max abs diff vs 2 processes x B=1:", {f"{n} {f[:7]}": f"{d:.3g}" for (n, f), d in diffs.items()})
+    assert diffs["accum", FILES[0]] <= 1e-5 and diffs["accum", FILES[1]] <= 1e-5 and diffs["batch", FILES[1]] <= 1e-5
+    a, b = load_file(tmp_path / "ddp" / FILES[0]), load_file(tmp_path / "batch" / FILES[0])
+    d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (d > 1e-5).float().mean() < 1e-4 and d.max() <= 2 * 5e-6 * steps  # the Adam bound of the test above
+    sizes, _ = buckets.training_sizes([(h, w) for w, h in SIZES], 64, 32, True)  # and the steps span buckets
+    assert len({sizes[train.batch_indices(s, 2, 4, 0, buckets.groups(sizes))[0]] for s in range(steps)}) > 1
 
 
 # ---------------------------------------------------------------------------------------------------------
