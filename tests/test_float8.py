@@ -150,3 +150,35 @@ def test_train_sample_merge_analyze_with_fp8(tmp_path):
     assert r.returncode == 0 and (tmp_path / "x.png").stat().st_size > 0, r.stderr[-2000:]
     r = run("merge.py", "--analyze", str(tmp_path / "a"), str(tmp_path / "b"), "--csv", str(tmp_path / "i.csv"))
     assert r.returncode == 0 and math.isfinite(float(r.stdout.split("|cos| columns ")[1].split(",")[0])), r.stderr
+
+
+def test_without_a_token_the_text_encoders_are_dropped_after_the_fixed_prompts(tmp_path):
+    """A style (captions, no token): every prompt of the run is fixed, so it is encoded once and both encoders leave;
+    the checkpoint samples still come from the cached prompts. With a token they stay (theta's prompt changes)."""
+    import contextlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import train
+
+    folder = tmp_path / "style"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a red circle, flat style")
+    args = ["--images", str(folder), "--model", "tiny", "--steps", "2", "--checkpoint-every", "2", "--sample-steps",
+            "2", "--output", str(tmp_path / "out")]
+    with contextlib.redirect_stderr(io.StringIO()):
+        result = train.train(train.parse_args(args))
+    sd = result["sd"]
+    assert sd.text_encoder is None and sd.text_encoder_2 is None and "a red circle, flat style" in sd.prompt_cache
+    assert (tmp_path / "out" / "samples" / "step000002-0.png").is_file()
+    with pytest.raises(ValueError, match="dropped"):
+        sd.encode_prompt(["another prompt"])
+    fresh = load_sdxl("tiny")
+    with torch.no_grad():
+        want = fresh.encode_prompt(["a red circle, flat style"])
+    assert all(torch.equal(a[0], b) for a, b in zip(want, sd.prompt_cache["a red circle, flat style"]))

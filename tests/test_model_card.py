@@ -112,7 +112,7 @@ def test_kohya_metadata_reads_as_a1111_and_kohya_read_it(finished):
     assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert meta["modelspec.title"] == "dog" and meta["modelspec.resolution"] == "64x64"
     assert meta["modelspec.trigger_phrase"] == "<dog>" and datetime.fromisoformat(meta["modelspec.date"])
-    assert meta["token"] == "<dog>" and meta["loss"] == "dco" and "lora_adapter_metadata" not in meta
+    assert json.loads(meta["token"]) == ["<dog>"] and meta["loss"] == "dco" and "lora_adapter_metadata" not in meta
 
 
 def test_bucket_info_as_a1111_shows_it(tiny_sdxl, tmp_path):

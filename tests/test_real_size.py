@@ -89,9 +89,14 @@ def runs(tmp_path_factory):
                                                   "--steps", 3, "--checkpoint-every", 2, "--sample-steps", 0,
                                                   "--resume"))
     write_style_lora(style)
+    # fp8 frozen weights (product/float8.py) at real size: the consistency-guided sample, and the README's dry run
+    # on a folder named dog (3 tokens in the byte-level tokenizer: the token <dog> must still be made)
     cli("sample", "sample.py", "--model", "sdxl-random", "--lora", subject, "--wcon", "0,3", "--prompt",
-        "a photo of <x>", "--height", RES, "--steps", 2, "--n", 1, "--precision", PRECISION, "--device", "cpu",
+        "a photo of <x>", "--height", RES, "--steps", 2, "--n", 1, "--precision", "fp8", "--device", "cpu",
         "--output", root / "grid.png")
+    cli("train dry run fp8", "train.py", "--images", make_images(root / "dog"), "--model", "sdxl-random",
+        "--gradient-checkpointing", "--steps", 1, "--sample-steps", 0, "--checkpoint-every", 0, "--precision", "fp8",
+        "--resolution", RES, "--output", root / "dry-run")
     cli("merge", "merge.py", subject, style, "--output", root / "merged")
     cli("merge --analyze", "merge.py", "--analyze", subject, style, "--csv", root / "interference.csv")
     yield root
@@ -189,6 +194,12 @@ def test_train_writes_real_size_files(runs):
     assert all(Image.open(s).size == (RES, RES) for s in samples)
     config = json.loads((out / "train_config.json").read_text())
     assert config["tokens"] == ["<x>"] and config["resolution"] == RES
+
+
+def test_dry_run_on_a_folder_named_dog_with_fp8(runs):
+    config = json.loads((runs / "dry-run" / "train_config.json").read_text())
+    assert config["tokens"] == ["<dog>"] and config["precision"] == "fp8"
+    assert (runs / "dry-run" / "learned_embeds.safetensors").is_file()
 
 
 def test_sample_consistency_guided(runs):

@@ -128,3 +128,32 @@ def test_unsupported_block_type():
         AutoencoderKL(config)
     with pytest.raises(ValueError, match="up_block_types"):
         AutoencoderKL(dict(TINY, up_block_types=("UpDecoderBlock2D", "AttnUpDecoderBlock2D")))
+
+
+def test_tiles_blend_to_the_whole_image_for_a_pointwise_map_and_stay_close_for_the_vae():
+    """vae.tiled: for a map that sees each pixel alone the blend weights sum to 1 everywhere, so the tiled result is
+    the whole one (an identity of the ramps); for the tiny VAE (GroupNorm sees a tile, not the image) it is close."""
+    from sdxl import load_sdxl
+    from vae import check_tile, tiled
+
+    x = torch.randn(1, 4, 20, 28)
+    up = lambda z: (z * 2 + 1).repeat_interleave(8, -1).repeat_interleave(8, -2)  # noqa: E731  a pointwise "decoder"
+    torch.testing.assert_close(tiled(up, x, 8, 2, 8), up(x), rtol=1e-6, atol=1e-6)
+    down = lambda im: (im[..., ::8, ::8] * 3, im[..., ::8, ::8] - 1)  # noqa: E731  a tuple, as encode returns
+    mean, logvar = tiled(down, up(x), 64, 16, 1 / 8)
+    torch.testing.assert_close(mean, down(up(x))[0]) and torch.testing.assert_close(logvar, down(up(x))[1])
+    vae = load_sdxl("tiny").vae
+    z = torch.randn(1, 4, 16, 16)
+    with torch.no_grad():
+        whole = vae.decode(z)
+        vae.tile = 16  # pixels; the tiny VAE downsamples by 2: 8 x 8 latent tiles over 16 x 16, 9 tiles
+        tiles = vae.decode(z)
+        image = whole.clamp(-1, 1)
+        m_tiles, _ = vae.encode(image)
+        vae.tile = 0
+        m_whole, _ = vae.encode(image)
+    assert whole.shape == tiles.shape and 0 < ((tiles - whole).norm() / whole.norm()).item() < 0.5
+    assert m_tiles.shape == m_whole.shape and 0 < ((m_tiles - m_whole).norm() / m_whole.norm()).item() < 0.5
+    for bad in (-1, 16, 100):
+        with pytest.raises(ValueError, match="--vae-tile"):
+            check_tile(bad)
