@@ -6,12 +6,9 @@
   Unicode, through safetensors metadata, train_config.json and PNG text; caption files with a byte-order mark.
 * An image is written in the format its extension names, or the extension is refused.
 * Files of the images folder that are not used are named, with why."""
-import argparse
 import importlib
 import json
-import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
