@@ -285,7 +285,7 @@ def generate_latents(sd, prompts, *, negative_prompt=None, base_prompts=None, he
     abar = alphas_cumprod(sched)  # refuses unsupported schedules and prediction types
     spacing, offset = sched.get("timestep_spacing", "leading"), sched.get("steps_offset", 1)
     prediction = sched.get("prediction_type", "epsilon")
-    f = 2 ** (len(sd.vae.config["block_out_channels"]) - 1)  # the VAE's downsampling factor, 8
+    f = sd.vae.factor  # the VAE's downsampling, 8
     multiple = f * 2 ** (len(sd.unet.down_blocks) - 1)  # the UNet halves the latent (levels - 1) times
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise ValueError(f"--height/--width {height}x{width}: must be positive multiples of {multiple}")

@@ -280,12 +280,11 @@ def build_random(cls, config, device, dtype, generator, fp8=False, **kwargs):
     module by module (fp8: each Linear / Conv2d quantized as soon as it is drawn): the peak is the model's own size."""
     with torch.device("meta"):
         model = cls(config, **kwargs).to(dtype)
-    for module in model.modules():
-        if any(True for _ in module.parameters(recurse=False)) or any(True for _ in module.buffers(recurse=False)):
-            module.to_empty(device=device, recurse=False)
-            randomize_(module, generator, recurse=False)
-            if fp8 and float8.quantizable(module):
-                float8.quantize_module_(module)
+    for module in model.modules():  # (a module without tensors of its own: nothing happens)
+        module.to_empty(device=device, recurse=False)
+        randomize_(module, generator, recurse=False)
+        if fp8 and float8.quantizable(module):
+            float8.quantize_module_(module)
     return model.eval().requires_grad_(False)
 
 

@@ -94,8 +94,7 @@ def dco_steps(args, device, precision):
     with torch.no_grad(), amp():
         base = sd.encode_prompt(["a photo of x"])
     acp, R = alphas_cumprod(sd.scheduler).to(device), args.resolution
-    f = 2 ** (len(sd.vae.config["block_out_channels"]) - 1)
-    g = torch.Generator().manual_seed(0)
+    g, f = torch.Generator().manual_seed(0), sd.vae.factor
     x0 = torch.randn(1, sd.unet.conv_in.in_channels, R // f, R // f, generator=g).to(device)
     time_ids = torch.tensor([[R, R, 0, 0, R, R]], dtype=torch.float32, device=device)
 

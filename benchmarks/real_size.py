@@ -160,6 +160,92 @@ def main_job(resolution, checkpointing, steps):
                              decode_peak or 0))
 
 
+def phases_job(resolution, precision, token, steps, vae_tile=512):
+    """(r4) train.py's phases as it runs them now, with gradient checkpointing: build (fp8: each Linear / Conv2d
+    quantized as it is drawn), VAE-encode (tiles above vae_tile px), the token in both encoders or, without one,
+    every fixed prompt encoded once and both encoders dropped, LoRA + AdamW, DCO steps, a checkpoint's sample decode
+    (tiled), the LoRA save. The frozen weights are `precision` (fp8 or fp32 here) and compute in
+    float8.compute_dtype_of: fp32 on a CPU without bf16 kernels, bf16 elsewhere."""
+    from product import float8
+
+    fp8 = precision == "fp8"
+    dtype = float8.compute_dtype_of("cpu") if fp8 else {"fp32": torch.float32, "bf16": BF16}[precision]
+    amp = functools.partial(torch.autocast, "cpu", dtype=dtype, enabled=dtype != torch.float32)
+    peaks, mem = {}, {"process": reset_peak()}
+    t0 = time.perf_counter()
+    sd = load_sdxl("sdxl-random", dtype=dtype, fp8=fp8)
+    sd.vae.tile = vae_tile
+    build = time.perf_counter() - t0
+    peaks["load"] = proc_status("VmHWM")
+    weights = {k: nbytes(list(getattr(sd, k).parameters()) + list(getattr(sd, k).buffers()))
+               for k in ("unet", "text_encoder", "text_encoder_2", "vae")}
+    reset_peak()
+    image = torch.rand(1, 3, resolution, resolution) * 2 - 1
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        mean, logvar = sd.vae.encode(image)
+    vae_time = time.perf_counter() - t0
+    peaks["encode"] = proc_status("VmHWM")
+    reset_peak()
+    embeds = []
+    if token:
+        for tok, te in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
+            ids = [init_token(tok, te, "<x>", "x")]
+            emb = te.text_model.embeddings
+            emb.token_embedding = NewTokens(emb.token_embedding, ids)
+            embeds.append(emb.token_embedding)
+    with torch.no_grad(), amp():
+        base = sd.encode_prompt(["a photo of x"])
+    if not token:  # train.make_caches: the fixed prompts once, then no text encoder
+        sd.release_text_encoders(["a photo of x"], amp)
+    unet = sd.unet
+    inject_lora(unet, rank=32, targets=UNET_ATTN)
+    for m in lora_modules(unet).values():
+        m.lora_down.float(), m.lora_up.float()
+    unet.gradient_checkpointing = True
+    unet.train()
+    lora_params, ti_params = lora_parameters(unet), [e.rows for e in embeds]
+    groups = [{"params": lora_params, "lr": 5e-5}] + ([{"params": ti_params, "lr": 5e-6}] if token else [])
+    opt = torch.optim.AdamW(groups, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    acp = alphas_cumprod(sd.scheduler)
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        x0 = latent_dist_sample(mean, logvar, g) * sd.vae.scaling_factor
+        eps = sample_noise(x0, 0.0, g)
+        t = sample_timesteps(1, len(acp), generator=g)
+        cond = base
+        if token:
+            with amp():
+                cond = sd.encode_prompt(["a photo of <x>"])
+        batch = Batch(add_noise(x0, eps, t, acp), eps, t, time_ids, cond, base)
+        train_step(unet, opt, scaler, [batch], functools.partial(dco_loss, beta=1000.0), amp=amp)
+        for e in embeds:
+            e.rescale()
+
+    times = []
+    for _ in range(steps + 1):  # the first creates AdamW's state: not timed (unless it is the only one)
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times = times[1:] or times
+    trained = lora_params + ti_params
+    state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    peaks["steps"] = proc_status("VmHWM")
+    before = reset_peak()
+    t0 = time.perf_counter()
+    with torch.no_grad():  # a checkpoint's sample: the decode of its latent beside everything else
+        sample_decode(sd, mean)
+    decode_s = time.perf_counter() - t0
+    peaks["sample decode"] = proc_status("VmHWM")
+    return dict(resolution=resolution, precision=precision, token=token, compute=str(dtype).split(".")[-1],
+                vae_tile=vae_tile, build_s=build, vae_encode_s=vae_time, decode_s=decode_s, times=times,
+                weights=weights, lora_opt=nbytes(trained) * 2 + nbytes(state), process=mem["process"],
+                peaks=peaks, before_decode=before, job_peak=max(peaks.values()))
+
+
 def step_flops(resolution, checkpointing):
     """FLOPs of one DCO step with the learned token, counted on the meta device (no memory, no time): phi's forward,
     theta's forward + backward (with checkpointing: the recomputed forward too), and both text encoders forward +
@@ -342,6 +428,33 @@ def report(results, args, elapsed):
                       "\"whole job peak\": the largest of the build, the VAE encode with every model resident (as "
                       "train.py does it today), the steps and (in the rows without checkpointing) the decode of a sample, "
                       "which train.py runs at every checkpoint beside the models, LoRA and AdamW state.", ""]
+    phases = sorted(results.get("phases", []), key=lambda j: (j["resolution"], j["precision"], -j["token"]))
+    if phases:
+        lines += [
+            "### (r4) The whole job as train.py runs it now: fp8 frozen weights, the phases",
+            "",
+            "`--gradient-checkpointing`, `--vae-tile 512` (the default), batch 1, in a fresh process per row: build "
+            "(fp8: each Linear / Conv2d quantized as it is drawn), the VAE encode, the learned token `<x>` in both "
+            "encoders (token: yes) or every fixed prompt encoded once and both encoders dropped (token: no), LoRA "
+            "rank 32 + AdamW, DCO steps, a checkpoint's sample decode (tiled) beside everything else. Peak resident "
+            "set above the process (GiB) per phase; the job's peak is the largest. **Compute dtype: as the row "
+            "says.** This CPU has no bf16 kernels (a bf16 matmul is ~400x slower than fp32), so fp8 weights "
+            "dequantise to fp32 here and the activations are fp32, twice a GPU's bf16 ones: these peaks are upper "
+            "bounds of what the same flags take on a GPU in bf16.",
+            "",
+            "| resolution | frozen weights | token | compute | weights: UNet, text encoders, VAE | LoRA + AdamW | "
+            "load | encode | steps | sample decode | whole job | s / step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for j in phases:
+            w, pk, base = j["weights"], j["peaks"], j["process"]
+            lines.append(
+                f"| {j['resolution']}^2 | {j['precision']} | {'yes' if j['token'] else 'no'} | {j['compute']} | "
+                f"{gib(w['unet'])}, {gib(w['text_encoder'] + w['text_encoder_2'])}, {gib(w['vae'])} | "
+                f"{gib(j['lora_opt'])} | " + " | ".join(gib(pk[k] - base) for k in ("load", "encode", "steps",
+                                                                                   "sample decode"))
+                + f" | **{gib(j['job_peak'] - base)}** | {fmt_s(j['times'])} |")
+        lines += ["", "The text encoders' weights count the token tables, which stay in the compute dtype (fp32 "
+                      "here: 0.38 GiB of the two; 0.19 in bf16).", ""]
     if "diffusers" in results:
         r = results["diffusers"]
         lines += ["### (r2) Ours vs diffusers' UNet2DConditionModel at real size", "",
@@ -392,16 +505,19 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="The main job at SDXL's real size (sdxl-random), measured on this machine.")
     p.add_argument("--model", default="sdxl-random", choices=["sdxl-random"], help="the model measured")
     p.add_argument("--resolutions", type=int, nargs="+", default=[1024, 512], help="row (r1)")
-    p.add_argument("--steps", type=int, default=2, help="row (r1): measured steps after one warm-up step")
+    p.add_argument("--steps", type=int, default=2, help="rows (r1), (r4): measured steps after one warm-up step "
+                   "((r4) with 0: the warm-up step alone, timed: its peak includes AdamW's new state)")
     p.add_argument("--rounds", type=int, default=4, help="row (r2): measured rounds after a warm-up round")
     p.add_argument("--cg-rounds", type=int, default=2, help="row (r3): rounds (each 1024^2 call takes minutes here)")
-    p.add_argument("--rows", nargs="*", default=["r1", "r2", "r3"], choices=["r1", "r2", "r3"],
+    p.add_argument("--precisions", nargs="+", default=["fp8"], choices=["fp8", "fp32", "bf16"],
+                   help="row (r4): the frozen weights' precision (bf16 computes in bf16: hours on a CPU without bf16)")
+    p.add_argument("--rows", nargs="*", default=["r1", "r2", "r3"], choices=["r1", "r2", "r3", "r4"],
                    help="rows to measure (none: rewrite the section from --json)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     p.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--json", default=str(ROOT / "docs" / "real_size.json"), help="the raw measurements")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
-    args = errors.parse_flags(p, argv, {"resolutions": ">= 8", "steps": ">= 1", "rounds": ">= 1", "cg_rounds": ">= 1",
+    args = errors.parse_flags(p, argv, {"resolutions": ">= 8", "steps": ">= 0", "rounds": ">= 1", "cg_rounds": ">= 1",
                                         "threads": ">= 1"})
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as train.main: a saturated DCO loss makes denormal gradients, slow on CPUs
@@ -409,6 +525,8 @@ def main(argv=None):
         kind, *params = args.child
         if kind == "job":
             out = main_job(int(params[0]), params[1] == "1", int(params[2]))
+        elif kind == "phases":
+            out = phases_job(int(params[0]), params[1], params[2] == "1", int(params[3]))
         elif kind == "diffusers":
             out = vs_diffusers(int(params[0]), int(params[1]))
         else:
@@ -433,6 +551,17 @@ def main(argv=None):
                 print(f"  {res}^2 checkpointing {ckpt}: {fmt_s(r['times'])}/step, peak {gib(r['job_peak'])} GiB",
                       flush=True)
                 Path(args.json).write_text(json.dumps(results, indent=1))
+    if "r4" in args.rows:
+        keep = lambda j: j["resolution"] not in args.resolutions or j["precision"] not in args.precisions  # noqa: E731
+        results["phases"] = [j for j in results.get("phases", []) if keep(j)]
+        for res in args.resolutions:
+            for precision in args.precisions:
+                for token in (1, 0):
+                    r = child("phases", res, precision, token, args.steps)
+                    results["phases"].append(r)
+                    print(f"  {res}^2 {precision} token {token}: {fmt_s(r['times'])}/step, peak "
+                          f"{gib(r['job_peak'] - r['process'])} GiB above the process", flush=True)
+                    Path(args.json).write_text(json.dumps(results, indent=1))
     if "r2" in args.rows:
         results["diffusers"] = child("diffusers", 256, args.rounds)
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -183,7 +183,7 @@ def check_model_fits(sd, args, paths, captions, tokens, class_prompt=None):
     holds every learned token of every caption (a token past it trains nothing; longer prompts are read only in
     part), and db-prior's --class-dir holds no class images of other settings. -> the downsampling factor (VAE x
     UNet: 32 for SDXL), which --buckets' sizes are multiples of."""
-    factor = 2 ** (len(sd.vae.config["block_out_channels"]) - 1) * 2 ** (len(sd.unet.down_blocks) - 1)
+    factor = sd.vae.factor * 2 ** (len(sd.unet.down_blocks) - 1)
     check_resolution(args.resolution, factor)
     timesteps = sd.scheduler.get("num_train_timesteps", 1000)
     if args.sample_steps >= timesteps:

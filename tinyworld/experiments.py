@@ -123,7 +123,7 @@ def train_lora(name, loss, beta, seed, out, args):
             "--loss", "dco" if loss == "dco-rel" else loss, "--beta", str(beta or 1000), "--steps", str(args.steps), "--rank", str(args.rank),
             "--lr", str(args.lr), "--ti-lr", str(args.ti_lr), "--resolution", str(world.SIZE),
             "--token", c.token, "--init-word", c.init_word, "--seed", str(train_seed(name, seed)),
-            "--checkpoint-every", "0", "--sample-steps", "0", "--device", "cpu"] + \
+            "--checkpoint-every", "0", "--sample-steps", "0", "--device", "cpu", "--precision", args.precision] + \
         (["--relative-reward"] if loss == "dco-rel" else [])
     if loss == "db-prior":  # class images are made by the base model once per concept (cached in --class-dir)
         argv += ["--class-prompt", class_prompt(name), "--num-class-images", str(args.num_class_images),
@@ -157,7 +157,7 @@ def sample_scores(args, loras, scenes, wcons, seed, keep=None, prompts=None):
     caption, with the tokens) at every w_con (0: plain sampling with the LoRA, no consistency guidance) and score
     the images against the scenes -> {w_con: mean scores}. `keep`: path stem for the first SAMPLE_ROWS images per
     w_con (the sample figure)."""
-    sd = load_sdxl(args.model)
+    sd = load_sdxl(args.model, fp8=args.precision == "fp8")  # fp8: computed in fp32 on a CPU without bf16
     for path in loras:
         load_lora(sd, path)
     prompts = prompts or [world.caption(s) for s in scenes]
@@ -665,6 +665,8 @@ def parse_args(argv=None):
     p.add_argument("--wcons", type=floats, default=floats("0,1,3"), help="0 = plain sampling with the LoRA")
     p.add_argument("--show-wcons", type=floats, default=floats("3"), help="w_con rows of the sample figure")
     p.add_argument("--show-betas", type=floats, default=floats("10,1000"), help="DCO rows of the sample figure")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp8"], help="the frozen weights, in training "
+                   "and sampling (fp8: float8 with a scale per channel, product/float8.py)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=5e-3, help="the LoRA's; chosen (with --steps) so that DreamBooth "
                    "visibly learns every concept in plain sampling")
