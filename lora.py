@@ -48,6 +48,7 @@ class LoRALinear(nn.Linear):
         self.register_parameter("bias", base.bias)
         if hasattr(base, "weight_scale"):  # fp8 frozen weights (product/float8.py): their per-channel scale
             self.register_buffer("weight_scale", base.weight_scale)
+            self.compute_dtype = base.compute_dtype
         else:
             self.weight_scale = None
         self.weight.requires_grad_(False)
@@ -64,8 +65,9 @@ class LoRALinear(nn.Linear):
         self.merged = None  # the multiplier baked into `weight` by merge(), else None
 
     def branch_dtype(self):
-        """The LoRA's dtype: the base weight's, or fp32 over fp8 weights (which store, never compute)."""
-        return torch.float32 if float8.is_fp8(self.weight) else self.weight.dtype
+        """The LoRA's dtype: the base weight's, or over fp8 weights (which store, never compute) their compute dtype.
+        Training makes it fp32 in any case (train.add_lora)."""
+        return self.compute_dtype if float8.is_fp8(self.weight) else self.weight.dtype
 
     def forward(self, x):
         out = float8.linear(x, self.weight, self.bias, self.weight_scale)

@@ -27,7 +27,10 @@ def compute_dtype_of(device):
     """What fp8 weights dequantise to, and what the rest of an fp8 model is stored in: bf16 where the device has bf16
     kernels (CUDA; CPUs with AVX-512 BF16 or AMX), else fp32 (an AVX2-only CPU runs bf16 matmuls ~100x slower)."""
     device = torch.device(device)
-    bf16 = device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if device.type == "cuda":
+        bf16 = torch.cuda.is_bf16_supported()  # Ampere and later; a T4 or V100 computes fp8 weights in fp32
+    else:
+        bf16 = device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return torch.bfloat16 if bf16 else torch.float32
 
 
@@ -104,8 +107,10 @@ class Float8Conv2d(nn.Conv2d):
                              self.dilation, self.groups)
 
 
-def quantize_module_(module):
-    """An nn.Linear / nn.Conv2d in place -> its float8 class, weight -> (q, weight_scale). Its other tensors stay."""
+def quantize_module_(module, dtype=None):
+    """An nn.Linear / nn.Conv2d in place -> its float8 class, weight -> (q, weight_scale). Its other tensors stay.
+    `compute_dtype` (default: the weight's dtype now) is what a LoRA on it is made in for inference (lora.py)."""
+    module.compute_dtype = dtype or module.weight.dtype
     q, scale = quantize(module.weight)
     module.weight = nn.Parameter(q, requires_grad=False)
     module.register_buffer("weight_scale", scale)
@@ -124,7 +129,7 @@ def materialize_(model, device, dtype, fp8=False):
         for name, p in list(module.named_parameters(recurse=False)):
             if fp8 and name == "weight" and quantizable(module):
                 module.weight = nn.Parameter(p.detach().to(device), requires_grad=False)  # on device, source dtype
-                quantize_module_(module)
+                quantize_module_(module, dtype)
             else:
                 setattr(module, name, nn.Parameter(p.detach().to(device=device, dtype=dtype), requires_grad=False))
         for name, b in list(module.named_buffers(recurse=False)):
