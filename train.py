@@ -182,17 +182,17 @@ def make_caches(sd, crops, captions, base_prompts, new_tokens, amp, device, clas
     of the run is fixed (these, and the checkpoints' sample_prompts): they are encoded now and the text encoders
     are dropped (1.5 GiB in bf16). With new tokens they stay, for theta's."""
     device_of_unet, n, sizes = next(sd.unet.parameters()).device, len(captions), crops.sizes
+    base_ctx, base_pooled = encode_prompts(sd, base_prompts or captions, amp)  # the prompts first: then, without
+    class_cond = None                                                         # new tokens, no encoder is left
+    if class_prompt:  # one batch of B copies: the class half of every db-prior batch
+        with torch.no_grad(), amp():
+            class_cond = sd.encode_prompt([class_prompt] * batch_size)
+    if not new_tokens:  # while the VAE encodes
+        sd.release_text_encoders(list(sample_prompts) + ([""] if not sd.force_zeros_for_empty_prompt else []), amp)
     if not crops.random:
         sd.unet.to("cpu")  # off the GPU while the VAE encodes at full resolution (GBs of activations); no-op on a CPU
         crops.encode_all()
         sd.vae.to("cpu"), sd.unet.to(device_of_unet)  # the VAE is not needed again until sampling
-    base_ctx, base_pooled = encode_prompts(sd, base_prompts or captions, amp)
-    class_cond = None
-    if class_prompt:  # one batch of B copies: the class half of every db-prior batch
-        with torch.no_grad(), amp():
-            class_cond = sd.encode_prompt([class_prompt] * batch_size)
-    if not new_tokens:
-        sd.release_text_encoders(list(sample_prompts) + ([""] if not sd.force_zeros_for_empty_prompt else []), amp)
     pools = [torch.tensor([j for j in range(n, len(sizes)) if sizes[j] == sizes[i]]) for i in range(n)]
     return TrainData(n=n, crops=crops, class_pools=pools, captions=captions, base_ctx=base_ctx,
                      base_pooled=base_pooled, class_cond=class_cond, new_tokens=new_tokens,

@@ -180,13 +180,6 @@ def phases_job(resolution, precision, token, steps, vae_tile=512):
     weights = {k: nbytes(list(getattr(sd, k).parameters()) + list(getattr(sd, k).buffers()))
                for k in ("unet", "text_encoder", "text_encoder_2", "vae")}
     reset_peak()
-    image = torch.rand(1, 3, resolution, resolution) * 2 - 1
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        mean, logvar = sd.vae.encode(image)
-    vae_time = time.perf_counter() - t0
-    peaks["encode"] = proc_status("VmHWM")
-    reset_peak()
     embeds = []
     if token:
         for tok, te in ((sd.tokenizer, sd.text_encoder), (sd.tokenizer_2, sd.text_encoder_2)):
@@ -198,6 +191,15 @@ def phases_job(resolution, precision, token, steps, vae_tile=512):
         base = sd.encode_prompt(["a photo of x"])
     if not token:  # train.make_caches: the fixed prompts once, then no text encoder
         sd.release_text_encoders(["a photo of x"], amp)
+    peaks["prompts"] = proc_status("VmHWM")
+    reset_peak()  # train.make_caches: the VAE encode after the prompts (and without a token, the encoders gone)
+    image = torch.rand(1, 3, resolution, resolution) * 2 - 1
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        mean, logvar = sd.vae.encode(image)
+    vae_time = time.perf_counter() - t0
+    peaks["encode"] = proc_status("VmHWM")
+    reset_peak()
     unet = sd.unet
     inject_lora(unet, rank=32, targets=UNET_ATTN)
     for m in lora_modules(unet).values():
@@ -450,8 +452,8 @@ def report(results, args, elapsed):
             lines.append(
                 f"| {j['resolution']}^2 | {j['precision']} | {'yes' if j['token'] else 'no'} | {j['compute']} | "
                 f"{gib(w['unet'])}, {gib(w['text_encoder'] + w['text_encoder_2'])}, {gib(w['vae'])} | "
-                f"{gib(j['lora_opt'])} | " + " | ".join(gib(pk[k] - base) for k in ("load", "encode", "steps",
-                                                                                   "sample decode"))
+                f"{gib(j['lora_opt'])} | " + " | ".join(gib(pk[k] - base) if k in pk else "" for k in (
+                    "load", "encode", "steps", "sample decode"))
                 + f" | **{gib(j['job_peak'] - base)}** | {fmt_s(j['times'])} |")
         lines += ["", "The text encoders' weights count the token tables, which stay in the compute dtype (fp32 "
                       "here: 0.38 GiB of the two; 0.19 in bf16).", ""]
@@ -511,6 +513,8 @@ def main(argv=None):
     p.add_argument("--cg-rounds", type=int, default=2, help="row (r3): rounds (each 1024^2 call takes minutes here)")
     p.add_argument("--precisions", nargs="+", default=["fp8"], choices=["fp8", "fp32", "bf16"],
                    help="row (r4): the frozen weights' precision (bf16 computes in bf16: hours on a CPU without bf16)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 0], choices=[1, 0],
+                   help="row (r4): with a learned token (1), without (0)")
     p.add_argument("--rows", nargs="*", default=["r1", "r2", "r3"], choices=["r1", "r2", "r3", "r4"],
                    help="rows to measure (none: rewrite the section from --json)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
@@ -552,11 +556,12 @@ def main(argv=None):
                       flush=True)
                 Path(args.json).write_text(json.dumps(results, indent=1))
     if "r4" in args.rows:
-        keep = lambda j: j["resolution"] not in args.resolutions or j["precision"] not in args.precisions  # noqa: E731
+        keep = lambda j: (j["resolution"] not in args.resolutions or j["precision"] not in args.precisions  # noqa: E731
+                          or j["token"] not in args.tokens)
         results["phases"] = [j for j in results.get("phases", []) if keep(j)]
         for res in args.resolutions:
             for precision in args.precisions:
-                for token in (1, 0):
+                for token in args.tokens:
                     r = child("phases", res, precision, token, args.steps)
                     results["phases"].append(r)
                     print(f"  {res}^2 {precision} token {token}: {fmt_s(r['times'])}/step, peak "
