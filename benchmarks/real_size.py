@@ -387,11 +387,13 @@ def gib(n):
 def report(results, args, elapsed):
     runs = results.get("runs", [])
     lines = [SECTION, "",
-             f"Written by `benchmarks/real_size.py` on {datetime.date.today().isoformat()}: {machine(torch.device('cpu'))}, "
-             f"torch {torch.__version__}, {args.threads} threads, a machine shared with other jobs (times are wall "
+             f"Written by `benchmarks/real_size.py` on {datetime.date.today().isoformat()}, torch {torch.__version__}, "
+             f"{args.threads} threads, each row on the machine its run names, shared with other jobs (times are wall "
              "time, with the process's CPU time beside them where recorded; they rise with the other jobs' load, "
              "memory does not). The rows come from these runs (raw numbers in docs/real_size.json):", "",
-             *[f"    {r['command']}    # rows {r['rows']}, {r['date']}, {r['minutes']:.0f} min" for r in runs], "",
+             *[f"    {r['command']}    # rows {r['rows']}, {r['date']}, {r['minutes']:.0f} min, "
+               f"{r.get('machine', 'machine not recorded')}" + (f"; {r['note']}" if r.get("note") else "") for r in runs],
+             "",
              "`--model sdxl-random`: SDXL base's real configs with random weights (speed and memory do not depend on "
              "the values); the UNet and text encoders in bf16, the VAE in fp32 (SDXL's VAE overflows in half "
              "precision), LoRA rank 32 on the 560 attention projections in fp32, AdamW, batch 1, CPU autocast bf16.",
@@ -540,9 +542,11 @@ def main(argv=None):
     start = time.perf_counter()
     results = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
     if args.rows:  # which run measured which rows: a row measured again replaces the older run's
-        results["runs"] = [r for r in results.get("runs", []) if set(r["rows"].split(", ")) - set(args.rows)] + [
+        results["runs"] = [r for r in results.get("runs", []) if set(r["rows"].split(", ")) - set(args.rows)
+                           or r["rows"] == "r4" and "r4" in args.rows] + [  # (r4) rows come from several runs
             dict(command=" ".join(["python -m benchmarks.real_size", *(argv if argv is not None else sys.argv[1:])]),
-                 rows=", ".join(args.rows), date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), minutes=0)]
+                 rows=", ".join(args.rows), date=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), minutes=0,
+                 machine=machine(torch.device("cpu")))]
     if "r1" in args.rows:
         results["job"] = [j for j in results.get("job", []) if j["resolution"] not in args.resolutions]
         for res in args.resolutions:
