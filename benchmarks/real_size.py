@@ -524,6 +524,7 @@ def main(argv=None):
     p.add_argument("--json", default=str(ROOT / "docs" / "real_size.json"), help="the raw measurements")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = errors.parse_flags(p, argv, {"resolutions": ">= 8", "steps": ">= 0", "rounds": ">= 1", "cg_rounds": ">= 1",
+                                        "tokens": ">= 0",
                                         "threads": ">= 1"})
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as train.main: a saturated DCO loss makes denormal gradients, slow on CPUs
